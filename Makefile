@@ -1,0 +1,41 @@
+# The two commands of the README: `make book` (runs the study, builds the book) and `make test`.
+# Each creates or refreshes .venv from the pinned requirements by itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROFILE ?= quick
+DATA_DIR ?= data
+PRETRAINED ?= true
+STAMP := $(VENV)/.installed
+
+.PHONY: book test venv data lock clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-lock.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements-lock.txt -e .
+	@touch $@
+
+# The data root holds cifar10/ and ferplus/. When it is missing and the workplace's
+# local copies exist in ../shared/data, unpack them there; otherwise leave it to
+# the loaders (CIFAR-10 downloads through torchvision, FERPlus needs your own copy).
+data:
+	@if [ ! -d "$(DATA_DIR)/cifar10" ] && [ -x ../shared/data/extract.sh ]; then ../shared/data/extract.sh "$(DATA_DIR)"; fi
+
+book: venv data
+	$(BIN)/transferstudy run --profile $(PROFILE) --data-root "$(DATA_DIR)" -p pretrained $(PRETRAINED)
+	$(BIN)/transferstudy book-data
+	$(BIN)/jupyter-book build . -n -W --keep-going
+
+test: venv
+	$(BIN)/python -m pytest
+
+lock: venv
+	( echo "# Full pinned set (pip constraints) for reproducible installs; regenerate with 'make lock'."; \
+	  $(BIN)/python -m pip freeze --exclude-editable ) > requirements-lock.txt
+
+clean:
+	rm -rf _build runs
