@@ -85,6 +85,17 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .bundle import predict_files
+
+    rows = predict_files(args.bundle, args.images)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows, list(rows[0]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import config
 
@@ -130,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("predict", help="classify image files with an exported bundle (CPU)",
+                       description="Classify image files on CPU with a fine-tuned or SVM bundle "
+                                   "(<run folder>/bundle); prints class and probability (SVM: margin).")
+    p.add_argument("--bundle", required=True, help="a bundle folder, e.g. runs/quick/cifar10/alexnet/full/bundle")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

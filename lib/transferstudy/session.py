@@ -1,0 +1,190 @@
+"""One notebook run: settings, data, device, model, training, evaluation and recording.
+
+The notebooks tell each regime's story; this module holds the steps they share, so that the
+five notebooks run every regime through the same code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import config, data, evaluation, features, models, regimes, results, training
+from .preprocess import Preprocessor
+
+DATA_ROOT_ENV = "TRANSFERSTUDY_DATA_ROOT"
+
+
+def default_data_dir(dataset: str) -> Path:
+    """``$TRANSFERSTUDY_DATA_ROOT/<dataset>``, else ``data/<dataset>`` under the working directory."""
+    return Path(os.environ.get(DATA_ROOT_ENV, "data")) / dataset
+
+
+@dataclass
+class Session:
+    regime: str
+    cfg: dict[str, Any]
+    data: data.DatasetSplits
+    device: torch.device
+    recorder: results.RunRecorder
+    cache_dir: Path | None
+    log: Any = print
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.data.classes
+
+    @property
+    def output_dir(self) -> Path:
+        return self.recorder.run_dir
+
+    # --- provenance --------------------------------------------------------------------
+
+    def provenance_line(self) -> str:
+        weights = ("ImageNet-pretrained weights" if self.cfg["pretrained"]
+                   else "**random initialisation** (`pretrained: false`)")
+        return (f"profile `{self.cfg['profile']}` · {weights} · device `{self.device}` · "
+                f"{len(self.data.train):,} train / {len(self.data.val):,} val / {len(self.data.test):,} test "
+                f"images · split `{self.data.split_hash}` · {_dt.date.today().isoformat()}")
+
+    def banner(self):
+        """A notice at the top of the results: where the numbers come from."""
+        from IPython.display import Markdown
+
+        text = f"**This run:** {self.provenance_line()}."
+        if not self.cfg["pretrained"]:
+            text = ("```{warning}\nThese results come from **randomly initialised** backbones "
+                    "(`pretrained: false`), not ImageNet weights: they show that the pipeline runs, "
+                    "not what transfer learning achieves.\n```\n\n" + text)
+        if self.cfg["profile"] == "smoke":
+            text += " The smoke profile trains on a handful of images: its numbers mean nothing."
+        return Markdown(text)
+
+    # --- building blocks ---------------------------------------------------------------
+
+    def preprocessor(self, train_policy: str | None = None) -> Preprocessor:
+        policy = train_policy if train_policy is not None else self.cfg.get("augment", "none")
+        return Preprocessor(size=self.cfg["image_size"], mode=self.cfg["eval_mode"], policy=policy,
+                            channels_last=self.device.type == "cuda" and self.cfg["model"] == "alexnet")
+
+    def build_model(self) -> nn.Module:
+        """The backbone with a fresh head; seeded, so random initialisation is the same in every regime."""
+        torch.manual_seed(self.cfg["seed"])
+        net = models.build_model(self.cfg["model"], len(self.classes), pretrained=self.cfg["pretrained"],
+                                 weights_path=self.cfg["weights_path"])
+        return net.to(self.device)
+
+    def weights_id(self) -> str:
+        """What identifies the backbone's starting weights (part of the feature cache key)."""
+        if self.cfg["weights_path"]:
+            return "file:" + features.file_digest(self.cfg["weights_path"])
+        if self.cfg["pretrained"]:
+            return f"pretrained:{self.cfg['model']}"
+        return f"random:{self.cfg['model']}:seed{self.cfg['seed']}:torch{torch.__version__}"
+
+    def embeddings(self, net: nn.Module, kind: str, weights_id: str | None,
+                   splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, np.ndarray]:
+        """Embeddings of each split through ``net`` (eval mode).
+
+        With a ``weights_id`` (what identifies ``net``'s weights) they come from the feature cache
+        when present and are stored there otherwise; with None they are computed and not cached.
+        """
+        pre = self.preprocessor("none")
+        out = {}
+        for name in splits:
+            split = getattr(self.data, name)
+            key = features.cache_key(model=self.cfg["model"], weights=weights_id, kind=kind,
+                                     dataset=self.cfg["dataset"], files=features.split_digest(split.files),
+                                     preprocess=repr(pre), labels=self.cfg["label_rule"])
+            out[name] = features.cached(
+                self.cache_dir if weights_id else None, key, log=self.log,
+                compute=lambda split=split: training.extract(
+                    lambda x: models.embed(net, self.cfg["model"], x, kind), split, preprocess=pre,
+                    batch_size=self.cfg["eval_batch_size"], device=self.device))
+        return out
+
+    def optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
+        """The regime's optimiser, with discriminative learning rates per parameter group."""
+        groups = regimes.param_groups(net, self.cfg["model"], self.regime)
+        cfg = self.cfg
+        lr = cfg["lr"] if "lr" in cfg else {"backbone": cfg["lr_backbone"], "head": cfg["lr_head"]}
+        return training.make_optimizer(groups, name=cfg["optimizer"], lr=lr, weight_decay=cfg["weight_decay"],
+                                       momentum=cfg.get("momentum", 0.9))
+
+    def fit(self, net: nn.Module, train: Any = None, val: Any = None, preprocess: Any = None) -> training.History:
+        """Train with the regime's settings; keeps the best-on-val weights; saves the curves."""
+        cfg = self.cfg
+        train = train if train is not None else self.data.train
+        val = val if val is not None else self.data.val
+        preprocess = preprocess if preprocess is not None else self.preprocessor()
+        opt = self.optimizer(net)
+        steps = -(-len(train) // cfg["batch_size"])
+        sched = training.make_scheduler(opt, name=cfg["scheduler"], epochs=cfg["epochs"], steps_per_epoch=steps,
+                                        warmup_frac=cfg["warmup_frac"])
+        history = training.fit(net, train, val, preprocess=preprocess, optimizer=opt, scheduler=sched,
+                               epochs=cfg["epochs"], batch_size=cfg["batch_size"], device=self.device,
+                               label_smoothing=cfg["label_smoothing"], patience=cfg["patience"],
+                               monitor=cfg["monitor"], seed=cfg["seed"],
+                               soft_targets=cfg["label_rule"] == "votes", log=self.log)
+        self.recorder.save_curves(history.to_frame().reset_index())
+        self.recorder.meta.update(best_epoch=history.best_epoch, epochs_run=len(history.epochs),
+                                  stopped_early=history.stopped_early)
+        return history
+
+    def evaluate(self, predict_val: tuple[np.ndarray, np.ndarray], predict_test: tuple[np.ndarray, np.ndarray],
+                 classifier: str | None = None) -> dict[str, Any]:
+        """Metrics on val and test from ``(probabilities or None, predictions)`` pairs; saves them."""
+        metrics = {"classifier": classifier}
+        for name, (_, pred) in (("val", predict_val), ("test", predict_test)):
+            metrics[name] = evaluation.classification_metrics(getattr(self.data, name).labels.numpy(), pred,
+                                                              self.classes)
+        self.recorder.save_metrics(metrics)
+        probs, pred = predict_test
+        self.recorder.save_predictions(self.data.test.labels.numpy(), pred, probs, self.data.test.files)
+        self.log(f"val accuracy {metrics['val']['accuracy']:.4f} · test accuracy {metrics['test']['accuracy']:.4f}"
+                 f" · test macro F1 {metrics['test']['macro_f1']:.4f}")
+        return metrics
+
+    def predict(self, net: nn.Module, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return training.predict(net, getattr(self.data, split), preprocess=self.preprocessor("none"),
+                                batch_size=self.cfg["eval_batch_size"], device=self.device)
+
+    def save_plot_embeddings(self, name: str, X: np.ndarray) -> None:
+        """Keep the first ``n_embed_plot`` test embeddings for the book's PCA / t-SNE / UMAP figures."""
+        n = min(self.cfg["n_embed_plot"], len(X))
+        self.recorder.save_embeddings(name, X[:n], self.data.test.labels.numpy()[:n])
+
+    def finish(self, trainable: int, total: int, **meta: Any) -> dict[str, Any]:
+        """Write meta.json: the run is complete. Call it last."""
+        prov = results.provenance(str(self.device), self.cfg["pretrained"])
+        return self.recorder.finish(trainable=int(trainable), total=int(total), classes=list(self.classes),
+                                    **prov, **meta)
+
+
+def start(regime: str, *, model: str, dataset: str, data_dir: str | Path | None = None, profile: str = "full",
+          output_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+          overrides: dict[str, Any] | None = None, log: Any = print) -> Session:
+    """Resolve the settings, load the data (with its fixed split), and open the run's folder."""
+    cfg = config.resolve(regime, model, dataset, profile, overrides)
+    data_dir = Path(data_dir) if data_dir else default_data_dir(dataset)
+    output_dir = Path(output_dir) if output_dir else Path("runs") / "manual" / profile / dataset / model / regime
+    cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "transferstudy"
+    training.seed_everything(cfg["seed"])
+    device = models.select_device()
+    ds = data.load_dataset(dataset, data_dir, label_rule=cfg["label_rule"] if dataset == "ferplus" else None,
+                           val_source=cfg["val_source"], n_train=cfg["n_train"], n_val=cfg["n_val"],
+                           n_test=cfg["n_test"], seed=cfg["seed"])
+    recorder = results.RunRecorder(output_dir, {**cfg, "data_dir": str(data_dir)})
+    recorder.save_split(ds.split_hash, ds.split_indices, ds.info)
+    session = Session(regime, cfg, ds, device, recorder, cache_dir, log)
+    log(f"{regime} · {model} · {dataset}: {session.provenance_line().replace('*', '').replace('`', '')}")
+    return session
+
