@@ -1,0 +1,283 @@
+"""Optimisers, schedules, the training loop and batched inference over in-memory splits.
+
+A *split* is any object with ``.images`` (uint8 ``[N, C, H, W]``), ``.labels`` (int64 ``[N]``)
+and ``.soft`` (float32 ``[N, K]`` vote distributions, or None). Batches are preprocessed on the
+device by a :class:`~transferstudy.preprocess.Preprocessor`-like callable ``(uint8 batch, train)``.
+On CUDA the loop uses pinned memory, non-blocking copies and fp16 autocast with a GradScaler;
+on CPU it runs plain fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import SGD, Adam, AdamW, Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
+from tqdm.auto import tqdm
+
+Preprocess = Callable[[torch.Tensor, bool], torch.Tensor]
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "plateau", "none")
+MONITORS = ("val_loss", "val_acc")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global RNGs."""
+    if not isinstance(seed, int):
+        raise ValueError(f"seed must be an int (the study used 42), got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(groups: dict[str, list[nn.Parameter]], *, name: str = "adamw",
+                   lr: float | dict[str, float], weight_decay: float = 0.0,
+                   momentum: float = 0.9) -> Optimizer:
+    """One optimizer with a parameter group per entry of ``groups`` (e.g. ``backbone``, ``head``).
+
+    ``lr`` is one float for every group or a dict with one learning rate per group name
+    (discriminative learning rates). Parameters with ``requires_grad=False`` are left out.
+    Each param group keeps its name under ``"name"``.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is unknown; choose one of {OPTIMIZERS}")
+    if isinstance(lr, dict) and set(lr) != set(groups):
+        raise ValueError(f"lr dict keys {sorted(lr)} must match the parameter groups {sorted(groups)} "
+                         "(give one learning rate per group, or one float for all)")
+    param_groups = []
+    for group, params in groups.items():
+        trainable = [p for p in params if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"parameter group {group!r} has no trainable parameters; "
+                             "unfreeze them or leave the group out")
+        param_groups.append({"params": trainable, "name": group,
+                             "lr": float(lr[group] if isinstance(lr, dict) else lr)})
+    if name == "sgd":
+        return SGD(param_groups, lr=param_groups[0]["lr"], momentum=momentum, weight_decay=weight_decay)
+    cls = AdamW if name == "adamw" else Adam
+    return cls(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer: Optimizer, *, name: str = "cosine", epochs: int, steps_per_epoch: int,
+                   warmup_frac: float = 0.0) -> LRScheduler | ReduceLROnPlateau | None:
+    """Learning-rate schedule for :func:`fit`.
+
+    ``cosine``: linear warmup over ``warmup_frac`` of all steps up to each group's lr, then cosine
+    decay towards 0; stepped per batch. ``plateau``: ReduceLROnPlateau (factor 0.1, patience 2) on
+    1 - val accuracy, stepped per epoch. ``none``: returns None (constant lr).
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is unknown; choose one of {SCHEDULERS}")
+    if epochs < 1 or steps_per_epoch < 1:
+        raise ValueError(f"make_scheduler needs epochs >= 1 and steps_per_epoch >= 1, got {epochs}, {steps_per_epoch}")
+    if not 0.0 <= warmup_frac < 1.0:
+        raise ValueError(f"warmup_frac must be in [0, 1) (e.g. 0.05 for 5% warmup), got {warmup_frac}")
+    if name == "none":
+        return None
+    if name == "plateau":
+        return ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=2)
+    total = epochs * steps_per_epoch
+    warmup = round(warmup_frac * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    return LambdaLR(optimizer, factor)
+
+
+@dataclass
+class History:
+    """What :func:`fit` did: one dict per epoch (train_loss, train_acc, val_loss, val_acc, lr, seconds).
+
+    ``lr`` is the largest group learning rate used by the epoch's last step; ``best_epoch`` is 1-based.
+    """
+
+    epochs: list[dict[str, float]]
+    best_epoch: int
+    best_metric: float
+    stopped_early: bool
+    seconds: float
+
+    def to_frame(self) -> pd.DataFrame:
+        """The per-epoch table, indexed by the 1-based epoch number."""
+        frame = pd.DataFrame(self.epochs)
+        frame.index = pd.RangeIndex(1, len(frame) + 1, name="epoch")
+        return frame
+
+
+def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optimizer: Optimizer,
+        scheduler: LRScheduler | ReduceLROnPlateau | None = None, epochs: int, batch_size: int,
+        device: str | torch.device, label_smoothing: float = 0.0, patience: int | None = None,
+        monitor: str = "val_loss", checkpoint_path: str | Path | None = None, seed: int = 42,
+        soft_targets: bool = False, log: Callable[[str], Any] = print, progress: bool = False) -> History:
+    """Train ``model`` on ``train``, validate on ``val`` each epoch, and restore the best epoch.
+
+    The best epoch by ``monitor`` (lowest ``val_loss`` or highest ``val_acc``) is kept in memory,
+    written atomically to ``checkpoint_path`` (a ``state_dict``) if given, and loaded back into
+    ``model`` at the end. Training stops early after ``patience`` epochs without improvement.
+    ``soft_targets`` trains on ``train.soft`` probability targets instead of ``train.labels``.
+    Validation loss is plain cross-entropy on ``val.labels`` (no label smoothing).
+    Non-plateau schedulers are stepped per batch; ReduceLROnPlateau per epoch on 1 - val_acc.
+    """
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor {monitor!r} is unknown; choose one of {MONITORS}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"fit needs epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be None (no early stopping) or >= 1, got {patience}")
+    n = _check_split(train, "train")
+    _check_split(val, "val")
+    if soft_targets and (train.soft is None or len(train.soft) != n):
+        raise ValueError("soft_targets=True needs train.soft, float [N, classes] vote distributions "
+                         "(load FERPlus with label_rule 'votes'), or use soft_targets=False")
+    device = torch.device(device)
+    seed_everything(seed)
+    shuffle = torch.Generator().manual_seed(seed)
+    model.to(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    maximize = monitor == "val_acc"
+    best_metric, best_epoch, best_state, stale = -math.inf if maximize else math.inf, 0, None, 0
+    rows: list[dict[str, float]] = []
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        tick = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=shuffle)
+        loss_sum, correct = 0.0, 0
+        steps = _batches(train.images, order, batch_size, device)
+        for idx, images in tqdm(steps, total=math.ceil(n / batch_size), desc=f"epoch {epoch}",
+                                disable=not progress, leave=False):
+            inputs = preprocess(images, True)
+            labels = train.labels[idx].to(device, non_blocking=True)
+            target = train.soft[idx].to(device, non_blocking=True) if soft_targets else labels
+            with _autocast(device):
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch}; "
+                                         "lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            lr = max(group["lr"] for group in optimizer.param_groups)  # the lr this step used
+            if scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == labels).sum().item()
+        val_loss, val_acc = _evaluate(model, val, preprocess, batch_size, device)
+        if isinstance(scheduler, ReduceLROnPlateau):
+            scheduler.step(1.0 - val_acc)
+        row = {"train_loss": loss_sum / n, "train_acc": correct / n, "val_loss": val_loss,
+               "val_acc": val_acc, "lr": lr, "seconds": time.perf_counter() - tick}
+        rows.append(row)
+        metric = row[monitor]
+        improved = metric > best_metric if maximize else metric < best_metric
+        if improved:
+            best_metric, best_epoch, stale = metric, epoch, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if checkpoint_path is not None:
+                _save_atomic(best_state, Path(checkpoint_path))
+        else:
+            stale += 1
+        log(f"epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s"
+            + ("  *best" if improved else ""))
+        if patience is not None and stale >= patience and epoch < epochs:
+            log(f"early stop: no {monitor} improvement for {patience} epochs; best epoch {best_epoch}")
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return History(epochs=rows, best_epoch=best_epoch, best_metric=float(best_metric),
+                   stopped_early=len(rows) < epochs, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Any, *, preprocess: Preprocess, batch_size: int,
+            device: str | torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (float32 ``[N, classes]``) and predicted labels (int64 ``[N]``), eval mode."""
+    logits = torch.from_numpy(extract(model, split, preprocess=preprocess, batch_size=batch_size, device=device))
+    probs = logits.softmax(1)
+    return probs.numpy(), probs.argmax(1).numpy()
+
+
+@torch.no_grad()
+def extract(fn: Callable[[torch.Tensor], torch.Tensor], split: Any, *, preprocess: Preprocess,
+            batch_size: int, device: str | torch.device, progress: bool = False) -> np.ndarray:
+    """Run ``fn`` (a module, or e.g. an embedding function) over ``split``; float32 ``[N, D]`` in split order.
+
+    Modules (and methods bound to a module) are moved to ``device`` and put in eval mode; for other
+    callables that is the caller's job. Outputs are flattened per sample.
+    """
+    n = _check_split(split, "split")
+    device = torch.device(device)
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        owner.to(device).eval()
+    outputs = []
+    steps = _batches(split.images, torch.arange(n), batch_size, device)
+    for _, images in tqdm(steps, total=math.ceil(n / batch_size), disable=not progress, leave=False):
+        with _autocast(device):
+            out = fn(preprocess(images, False))
+        outputs.append(torch.flatten(out, 1).float().cpu())
+    return torch.cat(outputs).numpy()
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, split: Any, preprocess: Preprocess, batch_size: int,
+              device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split``."""
+    logits = torch.from_numpy(extract(model, split, preprocess=preprocess, batch_size=batch_size, device=device))
+    labels = split.labels.cpu()
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def _batches(images: torch.Tensor, order: torch.Tensor, batch_size: int,
+             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, uint8 batch on device)``; pinned, non-blocking host-to-GPU copies on CUDA."""
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = images[idx.to(images.device)]
+        if device.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.pin_memory()
+        yield idx, batch.to(device, non_blocking=True)
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """fp16 autocast on CUDA only; disabled (fp32) elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def _check_split(split: Any, name: str) -> int:
+    images, labels = getattr(split, "images", None), getattr(split, "labels", None)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"{name}.images must be a uint8 tensor [N, C, H, W] (a data.Split), "
+                         f"got {type(images).__name__} {getattr(images, 'dtype', '')}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (len(images),):
+        raise ValueError(f"{name}.labels must be an int64 tensor [N] with N = {len(images)} images, "
+                         f"got {type(labels).__name__} {tuple(getattr(labels, 'shape', ()))}")
+    if len(images) == 0:
+        raise ValueError(f"{name} is empty; check n_train / n_val / n_test in the profile")
+    return len(images)
+
+
+def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``state`` to ``path`` via a temporary file and ``os.replace`` (no half-written checkpoints)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
