@@ -109,3 +109,13 @@ def fit_evaluate(pipeline: Pipeline, X_train: np.ndarray, y_train: np.ndarray, X
         refit = clone(pipeline).fit(np.concatenate([X_train, X_val]), np.concatenate([y_train, y_val]))
         result["test_refit"] = classification_metrics(y_test, refit.predict(X_test), classes)
     return result
+
+
+def n_parameters(pipeline: Pipeline) -> int:
+    """Learned numbers of a fitted pipeline's final classifier (weights and biases; kernel SVMs: dual coefficients)."""
+    clf = pipeline[-1]
+    for attrs in (("coef_", "intercept_"), ("dual_coef_", "intercept_")):
+        if all(hasattr(clf, a) for a in attrs):
+            return int(sum(np.size(getattr(clf, a)) for a in attrs))
+    raise ValueError(f"cannot count the parameters of {type(clf).__name__}; n_parameters supports linear "
+                     f"models and SVMs")

@@ -119,8 +119,13 @@ class Session:
         return training.make_optimizer(groups, name=cfg["optimizer"], lr=lr, weight_decay=cfg["weight_decay"],
                                        momentum=cfg.get("momentum", 0.9))
 
-    def fit(self, net: nn.Module, train: Any = None, val: Any = None, preprocess: Any = None) -> training.History:
-        """Train with the regime's settings; keeps the best-on-val weights; saves the curves."""
+    def fit(self, net: nn.Module, train: Any = None, val: Any = None, preprocess: Any = None,
+            module: nn.Module | None = None) -> training.History:
+        """Train ``net``'s trainable parameters with the regime's settings; keeps the best-on-val weights.
+
+        ``module`` is what the batches go through (default ``net``): the head alone when training
+        on cached features. The per-epoch curves are saved with the run.
+        """
         cfg = self.cfg
         train = train if train is not None else self.data.train
         val = val if val is not None else self.data.val
@@ -129,7 +134,7 @@ class Session:
         steps = -(-len(train) // cfg["batch_size"])
         sched = training.make_scheduler(opt, name=cfg["scheduler"], epochs=cfg["epochs"], steps_per_epoch=steps,
                                         warmup_frac=cfg["warmup_frac"])
-        history = training.fit(net, train, val, preprocess=preprocess, optimizer=opt, scheduler=sched,
+        history = training.fit(module if module is not None else net, train, val, preprocess=preprocess, optimizer=opt, scheduler=sched,
                                epochs=cfg["epochs"], batch_size=cfg["batch_size"], device=self.device,
                                label_smoothing=cfg["label_smoothing"], patience=cfg["patience"],
                                monitor=cfg["monitor"], seed=cfg["seed"],

@@ -1,6 +1,7 @@
 """Optimisers, schedules, the training loop and batched inference over in-memory splits.
 
-A *split* is any object with ``.images`` (uint8 ``[N, C, H, W]``), ``.labels`` (int64 ``[N]``)
+A *split* is any object with ``.images`` (uint8 ``[N, C, H, W]``, or float32 ``[N, D]`` cached
+features with an identity preprocess), ``.labels`` (int64 ``[N]``)
 and ``.soft`` (float32 ``[N, K]`` vote distributions, or None). Batches are preprocessed on the
 device by a :class:`~transferstudy.preprocess.Preprocessor`-like callable ``(uint8 batch, train)``.
 On CUDA the loop uses pinned memory, non-blocking copies and fp16 autocast with a GradScaler;
@@ -264,9 +265,12 @@ def _autocast(device: torch.device) -> torch.autocast:
 
 def _check_split(split: Any, name: str) -> int:
     images, labels = getattr(split, "images", None), getattr(split, "labels", None)
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"{name}.images must be a uint8 tensor [N, C, H, W] (a data.Split), "
-                         f"got {type(images).__name__} {getattr(images, 'dtype', '')}")
+    is_images = isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
+    is_features = isinstance(images, torch.Tensor) and images.dtype == torch.float32 and images.ndim == 2
+    if not (is_images or is_features):
+        raise ValueError(f"{name}.images must be a uint8 tensor [N, C, H, W] (a data.Split) or float32 "
+                         f"features [N, D] (a features.FeatureSplit), got {type(images).__name__} "
+                         f"{getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}")
     if not isinstance(labels, torch.Tensor) or labels.shape != (len(images),):
         raise ValueError(f"{name}.labels must be an int64 tensor [N] with N = {len(images)} images, "
                          f"got {type(labels).__name__} {tuple(getattr(labels, 'shape', ()))}")
