@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -96,6 +97,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_book_data(args: argparse.Namespace) -> int:
+    from . import book
+
+    files = book.generate(Path(args.runs_dir) / args.profile, Path(args.data_root), Path(args.book_root))
+    pages = sum(f.parent.name == "runs" for f in files)
+    print(f"{len(files)} files ({pages} run pages) written to {Path(args.book_root) / book.GENERATED}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import config
 
@@ -149,10 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("book-data", help="write the book's generated pages, figures and tables",
+                       description="Write book/_generated/ from a profile's runs and the data root: the executed "
+                                   "notebooks as pages (a note page for a failed or missing run), the figures and "
+                                   "the tables the book's pages include.")
+    p.add_argument("--profile", default="quick", choices=list(config.profiles()))
+    p.add_argument("--runs-dir", default="runs", help="results store (default: runs)")
+    p.add_argument("--data-root", default="data", help="folder holding cifar10/ and ferplus/ (default: data)")
+    p.add_argument("--book-root", default=".", help="folder holding _config.yml and _toc.yml (default: .)")
+    p.set_defaults(func=cmd_book_data)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # as a command: end quietly when the reader of a pipe stops (| head)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -156,19 +156,20 @@ def collect(root: Path) -> pd.DataFrame:
     """
     rows: list[dict[str, Any]] = []
     root = Path(root)
-    for meta in sorted(root.glob("**/meta.json")):
+    # run folders sit at <dataset>/<model>/<regime>/ under the profile's root
+    for meta in sorted(root.glob("*/*/*/meta.json")):
         run_dir = meta.parent
-        if run_dir.name.endswith((".running", ".failed")):
+        if run_dir.name.endswith((".running", ".failed", ".old")):
             continue
         failed = run_dir.with_name(run_dir.name + ".failed") / "meta.json"
         if failed.exists() and failed.stat().st_mtime > meta.stat().st_mtime:
             continue  # reported below, from the failure
         rows.extend(_rows_for(run_dir))
-    for failed in sorted(root.glob("**/*.failed/meta.json")):
+    for failed in sorted(root.glob("*/*/*.failed/meta.json")):
         ok = failed.parent.with_name(failed.parent.name.removesuffix(".failed")) / "meta.json"
         if not ok.exists() or failed.stat().st_mtime > ok.stat().st_mtime:
             rows.extend(_rows_for(failed.parent))
-    frame = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    frame = pd.DataFrame(rows, columns=TABLE_COLUMNS).astype({"trainable": "Int64", "total": "Int64"})
     return frame.sort_values(["dataset", "model", "regime", "classifier"], na_position="first",
                              ignore_index=True)
 

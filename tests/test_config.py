@@ -1,0 +1,73 @@
+"""Settings resolution: the study's values, then the profile's, then the user's."""
+
+import pytest
+
+from transferstudy import config
+
+
+@pytest.mark.parametrize(("regime", "model", "dataset", "key", "value"), [
+    # facts of ORIGINAL-STUDY.md, transcribed into profiles.yaml
+    ("frozen_svm", "alexnet", "cifar10", "embedding", "pooled"),
+    ("frozen_svm", "alexnet", "ferplus", "class_weight", "balanced"),
+    ("frozen_svm", "deit_base", "ferplus", "max_iter", 20000),
+    ("linear_probe", "alexnet", "ferplus", "optimizer", "adam"),
+    ("linear_probe", "deit_base", "cifar10", "lr", 3e-3),
+    ("linear_probe", "deit_base", "ferplus", "lr", 5e-3),
+    ("partial", "alexnet", "cifar10", "lr_backbone", 3e-5),
+    ("partial", "alexnet", "cifar10", "lr_head", 1e-3),
+    ("partial", "deit_base", "cifar10", "lr_backbone", 5e-5),
+    ("full", "alexnet", "cifar10", "optimizer", "sgd"),
+    ("full", "alexnet", "cifar10", "epochs", 40),
+    ("full", "alexnet", "ferplus", "label_smoothing", 0.05),
+    ("full", "deit_base", "ferplus", "label_smoothing", 0.1),
+    ("classical", "alexnet", "cifar10", "embedding", "penultimate"),
+])
+def test_full_profile_holds_the_study_settings(regime, model, dataset, key, value):
+    assert config.resolve(regime, model, dataset, "full")[key] == value
+
+
+def test_more_specific_entries_win():
+    # quick: common sets epochs 5, deit_base 2, linear_probe/deit_base 10
+    assert config.resolve("full", "alexnet", "cifar10", "quick")["epochs"] == 5
+    assert config.resolve("full", "deit_base", "cifar10", "quick")["epochs"] == 2
+    assert config.resolve("linear_probe", "deit_base", "cifar10", "quick")["epochs"] == 10
+
+
+def test_profile_changes_only_keys_the_regime_has():
+    cfg = config.resolve("frozen_svm", "alexnet", "cifar10", "smoke")
+    assert "epochs" not in cfg and cfg["n_train"] == 20
+
+
+def test_user_overrides_beat_the_profile_and_none_keeps_it():
+    cfg = config.resolve("partial", "alexnet", "cifar10", "smoke", {"lr_head": 0.5, "epochs": None})
+    assert cfg["lr_head"] == 0.5
+    assert cfg["epochs"] == config.resolve("partial", "alexnet", "cifar10", "smoke")["epochs"]
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (("nope", "alexnet", "cifar10", "full"), "unknown regime 'nope'"),
+    (("full", "vgg", "cifar10", "full"), "unknown model 'vgg'"),
+    (("full", "alexnet", "mnist", "full"), "unknown dataset 'mnist'"),
+    (("full", "alexnet", "cifar10", "fast"), "unknown profile 'fast'.*smoke"),
+])
+def test_unknown_names_are_rejected_with_the_choices(args, match):
+    with pytest.raises(config.ConfigError, match=match):
+        config.resolve(*args)
+
+
+def test_override_of_a_missing_setting_names_it():
+    with pytest.raises(config.ConfigError, match="'lr_head' is not a setting of the frozen_svm regime"):
+        config.resolve("frozen_svm", "alexnet", "cifar10", "full", {"lr_head": 1.0})
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("1e-3", 1e-3), ("0.01", 0.01), ("12", 12), ("false", False), ("null", None), ("balanced", "balanced"),
+    ("[linear_svm, mlp]", ["linear_svm", "mlp"]),
+])
+def test_command_line_values_parse_as_yaml(text, value):
+    assert config.parse_value(text) == value
+
+
+def test_every_profile_has_a_description():
+    assert set(config.profiles()) == {"smoke", "quick", "full"}
+    assert all(config.profiles().values())

@@ -1,0 +1,168 @@
+"""The study runner end to end: every notebook at the smoke profile through papermill, on synthetic data.
+
+Marked slow: these execute real notebooks (AlexNet, random initialisation) in Jupyter kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import papermill as pm
+import pytest
+from synthetic import clear_votes, write_cifar_imagefolder, write_ferplus_microsoft
+
+from transferstudy import bundle, cli, results
+from transferstudy.runner import NOTEBOOKS, NOTEBOOK_DIR
+
+pytestmark = pytest.mark.slow
+ALEXNET_RUNS = "cifar10/alexnet/*,ferplus/alexnet/linear_probe"
+EMOTIONS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A data root with cifar10/ and ferplus/ big enough for the smoke profile's subsets (20/10/10)."""
+    root = tmp_path_factory.mktemp("data_root")
+    write_cifar_imagefolder(root / "cifar10", 5, 1)
+    rows = {"train": [clear_votes(e) for e in EMOTIONS for _ in range(7)],
+            "valid": [clear_votes(e) for e in EMOTIONS for _ in range(2)],
+            "test": [clear_votes(e) for e in EMOTIONS for _ in range(2)]}
+    # a row with split votes, so the votes rule has a soft target that is not one-hot
+    rows["train"][0] = [4, 3, 0, 0, 3, 0, 0, 0, 0, 0]
+    write_ferplus_microsoft(root / "ferplus", rows)
+    return root
+
+
+def run_cli(*args: str) -> int:
+    return cli.main(["run", "--profile", "smoke", "-p", "pretrained", "false", *args])
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(synthetic_root, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    assert run_cli("--data-root", str(synthetic_root), "--runs-dir", str(runs), "--only", ALEXNET_RUNS) == 0
+    return runs
+
+
+def table(runs: Path, capsys) -> list[dict]:
+    capsys.readouterr()
+    assert cli.main(["results", "--profile", "smoke", "--runs-dir", str(runs), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_every_notebook_runs_and_lands_in_the_results_table(smoke_runs, capsys):
+    rows = table(smoke_runs, capsys)
+    keys = {"model", "dataset", "regime", "classifier", "status", "val_accuracy", "test_accuracy",
+            "test_macro_f1", "trainable", "total", "pretrained", "profile", "device", "wall_s", "run_dir"}
+    assert rows and all(keys <= set(row) for row in rows)
+    ran = {(r["dataset"], r["regime"]) for r in rows}
+    assert ran == {("cifar10", regime) for regime in NOTEBOOKS} | {("ferplus", "linear_probe")}
+    for row in rows:
+        assert row["status"] == "ok" and row["pretrained"] is False and row["profile"] == "smoke"
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["val_accuracy"] <= 1.0
+        assert 0 < row["trainable"] <= row["total"]
+    classifiers = {r["classifier"] for r in rows if r["regime"] == "classical"}
+    assert classifiers == {"linear_svm", "logistic_regression", "rbf_svm_pca256", "sgd_hinge", "knn_pca128",
+                           "random_forest", "mlp"}
+    probe = next(r for r in rows if r["regime"] == "linear_probe" and r["dataset"] == "cifar10")
+    assert probe["trainable"] == 4096 * 10 + 10
+
+
+def test_run_folder_holds_every_record(smoke_runs):
+    run = smoke_runs / "smoke" / "cifar10" / "alexnet" / "full"
+    for name in ("params.json", "split.json", "metrics.json", "curves.csv", "predictions.npz",
+                 "embeddings-finetuned.npz", "notebook.ipynb", "meta.json", "bundle/checkpoint.pt",
+                 "bundle/model.torchscript.pt", "bundle/classes.json", "bundle/meta.json"):
+        assert (run / name).is_file(), name
+    meta = results.read_json(run / "meta.json")
+    assert meta["pretrained"] is False and meta["device"] == "cpu" and len(meta["split_hash"]) == 16
+    assert {"torch", "timm", "date", "wall_s", "fingerprint"} <= set(meta)
+    # the split is the same in every regime of a dataset
+    hashes = {results.read_json(p)["split_hash"] for p in (smoke_runs / "smoke" / "cifar10").glob("*/*/split.json")}
+    assert len(hashes) == 1
+    nb = json.loads((run / "notebook.ipynb").read_text())
+    errors = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
+
+
+def test_rerun_skips_finished_work_and_force_redoes_it(smoke_runs, synthetic_root, capsys):
+    meta = smoke_runs / "smoke" / "cifar10" / "alexnet" / "frozen_svm" / "meta.json"
+    before = meta.read_text()
+    capsys.readouterr()
+    assert run_cli("--data-root", str(synthetic_root), "--runs-dir", str(smoke_runs), "--only", ALEXNET_RUNS) == 0
+    assert "0 ran, 6 unchanged (skipped), 0 failed" in capsys.readouterr().out
+    assert meta.read_text() == before
+    assert run_cli("--data-root", str(synthetic_root), "--runs-dir", str(smoke_runs), "--force",
+                   "--only", "cifar10/alexnet/frozen_svm") == 0
+    assert "1 ran, 0 unchanged" in capsys.readouterr().out
+    assert results.read_json(meta)["date"] >= json.loads(before)["date"] and meta.read_text() != before
+
+
+def test_overrides_reach_the_notebook_and_count_as_a_change(smoke_runs, synthetic_root, capsys):
+    capsys.readouterr()
+    assert run_cli("--data-root", str(synthetic_root), "--runs-dir", str(smoke_runs),
+                   "--only", "cifar10/alexnet/frozen_svm", "-p", "C", "0.25") == 0
+    assert "1 ran" in capsys.readouterr().out
+    run = smoke_runs / "smoke" / "cifar10" / "alexnet" / "frozen_svm"
+    assert results.read_json(run / "params.json")["C"] == 0.25
+    nb = json.loads((run / "notebook.ipynb").read_text())
+    injected = next(c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
+    assert "C = 0.25" in "".join(injected["source"])
+
+
+def test_unknown_override_is_rejected_before_anything_runs(smoke_runs, synthetic_root, capsys):
+    assert run_cli("--data-root", str(synthetic_root), "--runs-dir", str(smoke_runs), "-p", "lr_hed", "1") == 2
+    assert "-p lr_hed: no notebook has this parameter" in capsys.readouterr().err
+
+
+def test_a_failing_run_keeps_the_last_result_and_the_others_still_run(smoke_runs, synthetic_root, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(smoke_runs, runs)
+    cifar_only = tmp_path / "root"
+    shutil.copytree(synthetic_root / "cifar10", cifar_only / "cifar10")
+    ok_run = runs / "smoke" / "cifar10" / "alexnet" / "full"
+    metrics_before = (ok_run / "metrics.json").read_text()
+    # ferplus is missing from this data root, and the forced cifar10 rerun gets an impossible weights file
+    code = run_cli("--data-root", str(cifar_only), "--runs-dir", str(runs), "--force",
+                   "--only", "*/alexnet/full,cifar10/alexnet/linear_probe", "-p", "weights_path", "/no/such/w.pth")
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "cifar10/alexnet/full: failed" in out and "ferplus/alexnet/full: failed" in out
+    # the earlier result is untouched; the failed attempt is kept beside it
+    assert (ok_run / "metrics.json").read_text() == metrics_before
+    assert (ok_run.with_name("full.failed") / "notebook.ipynb").is_file()
+    rows = table(runs, capsys)
+    status = {(r["dataset"], r["regime"]): r for r in rows if r["classifier"] is None}
+    assert status[("cifar10", "full")]["status"] == "failed"
+    assert "weights_path" in status[("cifar10", "full")]["error"]
+    assert "ferplus" in status[("ferplus", "full")]["error"]
+    # a run not asked for keeps its success
+    assert status[("cifar10", "partial")]["status"] == "ok"
+
+
+@pytest.mark.parametrize("regime", ["full", "frozen_svm"])
+def test_predict_gives_the_in_memory_models_class(smoke_runs, synthetic_root, regime, capsys):
+    run = smoke_runs / "smoke" / "cifar10" / "alexnet" / regime
+    saved = np.load(run / "predictions.npz")
+    files = [str(synthetic_root / "cifar10" / f) for f in saved["files"]]
+    classes = results.read_json(run / "bundle" / "classes.json")
+    predicted = [row["class"] for row in bundle.predict_files(run / "bundle", files)]
+    assert predicted == [classes[i] for i in saved["y_pred"]]
+    capsys.readouterr()
+    assert cli.main(["predict", "--bundle", str(run / "bundle"), files[0], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["class"] == predicted[0]
+
+
+def test_plain_papermill_runs_a_notebook_with_soft_targets(synthetic_root, tmp_path):
+    out = tmp_path / "probe"
+    pm.execute_notebook(str(NOTEBOOK_DIR / NOTEBOOKS["linear_probe"]), str(tmp_path / "probe.ipynb"),
+                        parameters={"dataset": "ferplus", "data_dir": str(synthetic_root / "ferplus"),
+                                    "profile": "smoke", "pretrained": False, "label_rule": "votes",
+                                    "output_dir": str(out), "cache_dir": str(tmp_path / "cache")},
+                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    assert results.read_json(out / "params.json")["label_rule"] == "votes"
+    assert results.read_json(out / "meta.json")["status"] == "ok"
