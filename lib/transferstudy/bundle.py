@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,10 +33,18 @@ class BundleError(ValueError):
 
 def _save_torchscript(module: Callable[[torch.Tensor], torch.Tensor] | nn.Module, path: Path,
                       example: torch.Tensor) -> None:
-    traced = torch.jit.trace(module, example, check_trace=False)
-    buf = io.BytesIO()
-    torch.jit.save(traced, buf)
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream, and is still what the study shipped
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(module, example, check_trace=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _jit_load(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu")
 
 
 def _meta(kind: str, model: str, classes: tuple[str, ...], preprocess: Preprocessor, extra: dict) -> dict:
@@ -130,7 +139,7 @@ def predict_files(bundle_dir: str | Path, images: list[str | Path]) -> list[dict
     classes = meta["classes"]
     with torch.no_grad():
         if meta["kind"] == FINETUNED:
-            scripted = torch.jit.load(str(bundle_dir / "model.torchscript.pt"), map_location="cpu")
+            scripted = _jit_load(bundle_dir / "model.torchscript.pt")
             probs = scripted(x).softmax(1).numpy()
             pred = probs.argmax(1)
             score = probs[np.arange(len(pred)), pred]
@@ -138,7 +147,7 @@ def predict_files(bundle_dir: str | Path, images: list[str | Path]) -> list[dict
         else:
             import skops.io as sio
 
-            extractor = torch.jit.load(str(bundle_dir / "extractor.torchscript.pt"), map_location="cpu")
+            extractor = _jit_load(bundle_dir / "extractor.torchscript.pt")
             skops_file = bundle_dir / "classifier.skops"
             untrusted = set(sio.get_untrusted_types(file=skops_file)) - TRUSTED_TYPES
             if untrusted:

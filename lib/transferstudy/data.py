@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: notebooks run under papermill, where widgets cannot render
 
 DATASETS = ("cifar10", "ferplus")
 CLASSES: dict[str, tuple[str, ...]] = {

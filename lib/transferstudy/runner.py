@@ -177,7 +177,7 @@ def run_matrix(profile: str, data_root: Path, runs_root: Path, overrides: dict[s
                only: str | None = None, force: bool = False,
                report: Callable[[str], None] = print) -> list[Outcome]:
     """Execute the (filtered) matrix; a failing run is reported and the others still run."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - config.all_keys())

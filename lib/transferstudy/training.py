@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: notebooks run under papermill, where widgets cannot render
 
 Preprocess = Callable[[torch.Tensor, bool], torch.Tensor]
 OPTIMIZERS = ("adamw", "adam", "sgd")
