@@ -97,19 +97,27 @@ class Session:
         With a ``weights_id`` (what identifies ``net``'s weights) they come from the feature cache
         when present and are stored there otherwise; with None they are computed and not cached.
         """
-        pre = self.preprocessor("none")
-        out = {}
-        for name in splits:
-            split = getattr(self.data, name)
-            key = features.cache_key(model=self.cfg["model"], weights=weights_id, kind=kind,
-                                     dataset=self.cfg["dataset"], files=features.split_digest(split.files),
-                                     preprocess=repr(pre), labels=self.cfg["label_rule"])
-            out[name] = features.cached(
-                self.cache_dir if weights_id else None, key, log=self.log,
-                compute=lambda split=split: training.extract(
-                    lambda x: models.embed(net, self.cfg["model"], x, kind), split, preprocess=pre,
-                    batch_size=self.cfg["eval_batch_size"], device=self.device))
-        return out
+        return features.embeddings(net, self.cfg["model"], kind, {name: getattr(self.data, name) for name in splits},
+                                   weights_id=weights_id, cache_dir=self.cache_dir, **self._cache_args())
+
+    def prefix_features(self, net: nn.Module) -> tuple[dict[str, features.FeatureSplit], nn.Module]:
+        """Cached activations of the regime's frozen prefix for train and val, and the module to train on them.
+
+        For training without augmentation: ``run.fit(net, acts["train"], acts["val"],
+        preprocess=features.identity, module=module)`` trains ``net``'s own layers (the module shares them).
+        """
+        if self.cfg.get("augment", "none") != "none":
+            raise ValueError(f"prefix_features needs augment 'none' (got {self.cfg['augment']!r}): augmented "
+                             "images change every epoch, so train through the whole network with run.fit(net)")
+        splits = {"train": self.data.train, "val": self.data.val}
+        return features.prefix_splits(net, self.cfg["model"], self.regime, splits, weights_id=self.weights_id(),
+                                      cache_dir=self.cache_dir, **self._cache_args())
+
+    def _cache_args(self) -> dict[str, Any]:
+        """Preprocessing, batching, device and cache-key context shared by the feature-cache calls."""
+        return dict(preprocess=self.preprocessor("none"), batch_size=self.cfg["eval_batch_size"],
+                    device=self.device, context={"dataset": self.cfg["dataset"], "labels": self.cfg["label_rule"]},
+                    log=self.log)
 
     def optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
         """The regime's optimiser, with discriminative learning rates per parameter group."""
