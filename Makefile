@@ -9,7 +9,7 @@ DATA_DIR ?= data
 PRETRAINED ?= true
 STAMP := $(VENV)/.installed
 
-.PHONY: book test venv data lock clean
+.PHONY: book test venv data chromium lock clean
 
 venv: $(STAMP)
 
@@ -25,12 +25,18 @@ $(STAMP): pyproject.toml requirements-lock.txt
 data:
 	@if [ ! -d "$(DATA_DIR)/cifar10" ] && [ -x ../shared/data/extract.sh ]; then ../shared/data/extract.sh "$(DATA_DIR)"; fi
 
+# A failed run still gets its page (a note saying what failed); the book is built either way,
+# and `make book` then exits with the study's status.
 book: venv data
-	$(BIN)/transferstudy run --profile $(PROFILE) --data-root "$(DATA_DIR)" -p pretrained $(PRETRAINED)
-	$(BIN)/transferstudy book-data
-	$(BIN)/jupyter-book build . -n -W --keep-going
+	$(BIN)/transferstudy run --profile $(PROFILE) --data-root "$(DATA_DIR)" -p pretrained $(PRETRAINED); status=$$?; \
+	$(BIN)/transferstudy book-data --profile $(PROFILE) --data-root "$(DATA_DIR)" && \
+	$(BIN)/jupyter-book build . -n -W --keep-going && exit $$status
 
-test: venv
+# The book's browser test drives Debian's Chromium (Playwright is pointed at it; no browser is downloaded).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+
+test: venv chromium
 	$(BIN)/python -m pytest
 
 lock: venv

@@ -160,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_predict)
 
+    from . import bench
+
+    p = sub.add_parser("bench", help="benchmark the cached pipeline against the original per-image one",
+                       description="Feature extraction, a 10-epoch linear probe and the SVM, run both the "
+                                   "original study's way (PIL per image, backbone every epoch) and this "
+                                   "build's (batched tensors, feature cache), on the same real-data subset.")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
+
     p = sub.add_parser("book-data", help="write the book's generated pages, figures and tables",
                        description="Write book/_generated/ from a profile's runs and the data root: the executed "
                                    "notebooks as pages (a note page for a failed or missing run), the figures and "

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 
@@ -63,6 +64,7 @@ def training_curves(curves: pd.DataFrame, title: str, best_epoch: int | None = N
         if best_epoch:
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"kept: epoch {best_epoch}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.legend(frameon=False)
     fig.suptitle(title)
@@ -75,3 +77,140 @@ def metrics_table(metrics: dict, classes: Sequence[str]) -> pd.DataFrame:
     frame = pd.DataFrame(metrics["test"]["per_class"]).T.loc[list(classes)]
     frame["support"] = frame["support"].astype(int)
     return frame.round(3)
+
+
+# --- the book's figures ------------------------------------------------------------------
+
+SPLIT_COLOURS = {"train": "#4878a8", "val": "#e8a33d", "test": "#6aa56a"}
+MODEL_COLOURS = {"alexnet": "#c8553d", "deit_base": "#4878a8"}
+REGIME_MARKERS = {"frozen_svm": "o", "linear_probe": "s", "partial": "^", "full": "D", "classical": "P"}
+
+
+def class_balance(per_split: dict[str, dict[str, int]], title: str):
+    """Grouped bars: images per class in each split (``{split: {class: count}}``)."""
+    splits = list(per_split)
+    classes = list(next(iter(per_split.values())))
+    x = np.arange(len(classes))
+    width = 0.8 / len(splits)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(classes) + 2), 3.6))
+    for k, split in enumerate(splits):
+        counts = [per_split[split][c] for c in classes]
+        ax.bar(x + (k - (len(splits) - 1) / 2) * width, counts, width, label=split,
+               color=SPLIT_COLOURS.get(split))
+    ax.set_xticks(x, classes, rotation=30, ha="right")
+    ax.set_xlabel("class")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend(title="split", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def sample_grid(images: dict[str, list[np.ndarray]], title: str):
+    """One row of example images (uint8 HxWx3 or HxW) per class, the class name at the row's left."""
+    rows = [c for c in images if images[c]]
+    if not rows:
+        raise ValueError("sample_grid: no images given; pass at least one image for one class")
+    ncols = max(len(images[c]) for c in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.1 * ncols + 1.2, 1.1 * len(rows) + 0.6), squeeze=False)
+    for r, cls in enumerate(rows):
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(False)
+            if c < len(images[cls]):
+                ax.imshow(images[cls][c], cmap="gray" if images[cls][c].ndim == 2 else None)
+        axes[r, 0].set_ylabel(cls, rotation=0, ha="right", va="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def captioned_grid(images: Sequence[np.ndarray], captions: Sequence[str], title: str, ncols: int = 6):
+    """Images in a grid, each with its caption (e.g. "true: cat / predicted: dog") above it."""
+    if len(images) != len(captions) or not images:
+        raise ValueError(f"captioned_grid: got {len(images)} images and {len(captions)} captions; "
+                         f"pass one caption per image, at least one image")
+    ncols = min(ncols, len(images))
+    nrows = -(-len(images) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.0 * nrows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_params(points: pd.DataFrame, datasets: dict[str, str], models: dict[str, str],
+                       regimes: dict[str, str], title: str, ladder: Sequence[str] = ()):
+    """Test accuracy against trainable parameters (log x): one panel per dataset, one marker per model x regime.
+
+    ``points`` has columns dataset, model, regime, trainable, test_accuracy; the dicts map names to labels.
+    A line joins each model's ``ladder`` regimes in that order.
+    """
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4.6), squeeze=False, sharey=True)
+    for ax, (dataset, label) in zip(axes[0], datasets.items()):
+        shown = points[points["dataset"] == dataset]
+        for row in shown.itertuples():
+            ax.scatter(row.trainable, row.test_accuracy, s=70, marker=REGIME_MARKERS.get(row.regime, "o"),
+                       color=MODEL_COLOURS.get(row.model), edgecolor="black", linewidth=0.5, zorder=3)
+        for model in models:
+            line = shown[shown["model"] == model].set_index("regime").reindex(list(ladder)).dropna(subset=["trainable"])
+            ax.plot(line["trainable"], line["test_accuracy"], color=MODEL_COLOURS.get(model), alpha=0.35, zorder=2)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(label if len(shown) else f"{label}: no finished runs")
+        ax.grid(True, which="major", alpha=0.3)
+    handles = [plt.Line2D([], [], color=MODEL_COLOURS.get(m), marker="o", linestyle="", label=lab)
+               for m, lab in models.items()]
+    handles += [plt.Line2D([], [], color="grey", marker=REGIME_MARKERS.get(r, "o"), linestyle="", label=lab)
+                for r, lab in regimes.items()]
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False, fontsize=9)
+    return fig
+
+
+def embedding_scatter(panels: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequence[str], method: str,
+                      title: str):
+    """2-D embeddings side by side (``{panel title: (points [N, 2], labels [N])}``), coloured by class."""
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.6, 4.2), squeeze=False)
+    for ax, (name, (xy, y)) in zip(axes[0], panels.items()):
+        for k, cls in enumerate(classes):
+            mask = y == k
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=max(6.0, min(30.0, 6000 / len(y))), color=cmap(k % 10),
+                       label=cls, alpha=0.8)
+        ax.set_title(name)
+        ax.set_xlabel(f"{method} 1")
+        ax.set_ylabel(f"{method} 2")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [plt.Line2D([], [], color=cmap(k % 10), marker="o", linestyle="", label=c) for k, c in enumerate(classes)]
+    fig.legend(handles=handles, title="class", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_f1_compare(f1: pd.DataFrame, title: str):
+    """Grouped horizontal bars of per-class test F1: rows of ``f1`` are classes, columns the runs compared."""
+    frame = f1.loc[f1.mean(axis=1).sort_values().index]
+    y = np.arange(len(frame))
+    height = 0.8 / len(frame.columns)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(frame) * max(1, len(frame.columns) / 2) + 1.4))
+    for k, column in enumerate(frame.columns):
+        ax.barh(y + (k - (len(frame.columns) - 1) / 2) * height, frame[column], height, label=column)
+    ax.set_yticks(y, frame.index)
+    ax.set_xlim(0, 1.0)
+    ax.set_xlabel("F1 score (test)")
+    ax.set_ylabel("class (weakest at the bottom)")
+    ax.set_title(title)
+    ax.legend(frameon=False, loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
