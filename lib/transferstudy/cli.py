@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import signal
 import sys
@@ -106,7 +107,8 @@ def cmd_book_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``command`` (the subcommand about to run) loads that subcommand's heavy options."""
     from . import config
 
     parser = argparse.ArgumentParser(prog="transferstudy", description=__doc__)
@@ -160,14 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_predict)
 
-    from . import bench
-
-    p = sub.add_parser("bench", help="benchmark the cached pipeline against the original per-image one",
-                       description="Feature extraction, a 10-epoch linear probe and the SVM, run both the "
-                                   "original study's way (PIL per image, backbone every epoch) and this "
-                                   "build's (batched tensors, feature cache), on the same real-data subset.")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.main)
+    # These two import torch / optuna to declare their options: only when asked for, so that
+    # `transferstudy --help` and the other commands start quickly.
+    for name, help_text, description in (
+        ("bench", "benchmark the cached pipeline against the original per-image one",
+         "Feature extraction, a 10-epoch linear probe and the SVM, run both the original study's way "
+         "(PIL per image, backbone every epoch) and this build's (batched tensors, feature cache), on the "
+         "same real-data subset."),
+        ("search", "hyperparameter search of one regime on Optuna",
+         "Hyperparameter search on Optuna: the author's grids, each trial one `transferstudy run` of a notebook."),
+    ):
+        p = sub.add_parser(name, help=help_text, description=description)
+        if name == command:
+            module = importlib.import_module(f"{__package__}.{name}")
+            module.add_arguments(p)
+            p.set_defaults(func=module.main)
 
     p = sub.add_parser("book-data", help="write the book's generated pages, figures and tables",
                        description="Write book/_generated/ from a profile's runs and the data root: the executed "
@@ -184,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # as a command: end quietly when the reader of a pipe stops (| head)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    args = build_parser(command).parse_args(words)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -142,14 +142,19 @@ class Session:
         steps = -(-len(train) // cfg["batch_size"])
         sched = training.make_scheduler(opt, name=cfg["scheduler"], epochs=cfg["epochs"], steps_per_epoch=steps,
                                         warmup_frac=cfg["warmup_frac"])
+        from .search import trial_reporter  # reports each epoch when this run is a `transferstudy search` trial
+
+        reporter = trial_reporter()
         history = training.fit(module if module is not None else net, train, val, preprocess=preprocess, optimizer=opt, scheduler=sched,
                                epochs=cfg["epochs"], batch_size=cfg["batch_size"], device=self.device,
                                label_smoothing=cfg["label_smoothing"], patience=cfg["patience"],
                                monitor=cfg["monitor"], seed=cfg["seed"],
-                               soft_targets=cfg["label_rule"] == "votes", log=self.log)
+                               soft_targets=cfg["label_rule"] == "votes", log=self.log, on_epoch=reporter)
         self.recorder.save_curves(history.to_frame().reset_index())
         self.recorder.meta.update(best_epoch=history.best_epoch, epochs_run=len(history.epochs),
                                   stopped_early=history.stopped_early)
+        if reporter is not None and reporter.pruned_epoch is not None:
+            self.recorder.meta.update(pruned_epoch=reporter.pruned_epoch)
         return history
 
     def evaluate(self, predict_val: tuple[np.ndarray, np.ndarray], predict_test: tuple[np.ndarray, np.ndarray],

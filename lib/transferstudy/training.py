@@ -5,7 +5,8 @@ features with an identity preprocess), ``.labels`` (int64 ``[N]``)
 and ``.soft`` (float32 ``[N, K]`` vote distributions, or None). Batches are preprocessed on the
 device by a :class:`~transferstudy.preprocess.Preprocessor`-like callable ``(uint8 batch, train)``.
 On CUDA the loop uses pinned memory, non-blocking copies and fp16 autocast with a GradScaler;
-on CPU it runs plain fp32.
+on CPU it runs plain fp32. Under ``torch.distributed`` (torchrun, see :mod:`transferstudy.distributed`)
+:func:`fit` trains a DistributedDataParallel copy, each rank on its shard of every global batch.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from tqdm import tqdm  # plain bars: notebooks run under papermill, where widgets cannot render
 
 Preprocess = Callable[[torch.Tensor, bool], torch.Tensor]
+EpochCallback = Callable[[int, dict[str, float]], bool]
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
 MONITORS = ("val_loss", "val_acc")
@@ -124,7 +128,8 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
         scheduler: LRScheduler | ReduceLROnPlateau | None = None, epochs: int, batch_size: int,
         device: str | torch.device, label_smoothing: float = 0.0, patience: int | None = None,
         monitor: str = "val_loss", checkpoint_path: str | Path | None = None, seed: int = 42,
-        soft_targets: bool = False, log: Callable[[str], Any] = print, progress: bool = False) -> History:
+        soft_targets: bool = False, log: Callable[[str], Any] = print, progress: bool = False,
+        on_epoch: EpochCallback | None = None) -> History:
     """Train ``model`` on ``train``, validate on ``val`` each epoch, and restore the best epoch.
 
     The best epoch by ``monitor`` (lowest ``val_loss`` or highest ``val_acc``) is kept in memory,
@@ -133,6 +138,14 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
     ``soft_targets`` trains on ``train.soft`` probability targets instead of ``train.labels``.
     Validation loss is plain cross-entropy on ``val.labels`` (no label smoothing).
     Non-plateau schedulers are stepped per batch; ReduceLROnPlateau per epoch on 1 - val_acc.
+    ``on_epoch(epoch, row)`` is called after each epoch with its row; returning True stops training
+    there (a search pruning the trial).
+
+    When a ``torch.distributed`` process group is up with several ranks, ``batch_size`` stays the
+    global batch: each rank takes every ``world``-th sample of it (the epoch's order is the same on all
+    ranks, padded to a multiple of ``world`` like DistributedSampler) and DDP averages the gradients,
+    so a step equals the single-process step on the same batch. Metrics are reduced over the ranks;
+    rank 0 alone writes the checkpoint and calls ``on_epoch``.
     """
     if monitor not in MONITORS:
         raise ValueError(f"monitor {monitor!r} is unknown; choose one of {MONITORS}")
@@ -146,9 +159,16 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
         raise ValueError("soft_targets=True needs train.soft, float [N, classes] vote distributions "
                          "(load FERPlus with label_rule 'votes'), or use soft_targets=False")
     device = torch.device(device)
-    seed_everything(seed)
+    rank, world = _world()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} is the global batch and must divide evenly over {world} "
+                         f"processes; pick a multiple of {world} or another --nproc-per-node")
+    seed_everything(seed + rank)  # augmentation and dropout differ per rank; the shuffle below does not
     shuffle = torch.Generator().manual_seed(seed)
     model.to(device)
+    net = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     maximize = monitor == "val_acc"
     best_metric, best_epoch, best_state, stale = -math.inf if maximize else math.inf, 0, None, 0
@@ -156,17 +176,17 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         tick = time.perf_counter()
-        model.train()
-        order = torch.randperm(n, generator=shuffle)
+        net.train()
+        order = _shard(torch.randperm(n, generator=shuffle), batch_size, rank, world)
         loss_sum, correct = 0.0, 0
-        steps = _batches(train.images, order, batch_size, device)
+        steps = _batches(train.images, order, batch_size // world, device)
         for idx, images in tqdm(steps, total=math.ceil(n / batch_size), desc=f"epoch {epoch}",
                                 disable=not progress, leave=False):
             inputs = preprocess(images, True)
             labels = train.labels[idx].to(device, non_blocking=True)
             target = train.soft[idx].to(device, non_blocking=True) if soft_targets else labels
             with _autocast(device):
-                logits = model(inputs)
+                logits = net(inputs)
             loss = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch}; "
@@ -180,10 +200,11 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
                 scheduler.step()
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == labels).sum().item()
+        loss_sum, correct, seen = _all_sum([loss_sum, correct, len(order)], device)
         val_loss, val_acc = _evaluate(model, val, preprocess, batch_size, device)
         if isinstance(scheduler, ReduceLROnPlateau):
             scheduler.step(1.0 - val_acc)
-        row = {"train_loss": loss_sum / n, "train_acc": correct / n, "val_loss": val_loss,
+        row = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss,
                "val_acc": val_acc, "lr": lr, "seconds": time.perf_counter() - tick}
         rows.append(row)
         metric = row[monitor]
@@ -191,13 +212,16 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
         if improved:
             best_metric, best_epoch, stale = metric, epoch, 0
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            if checkpoint_path is not None:
+            if checkpoint_path is not None and rank == 0:
                 _save_atomic(best_state, Path(checkpoint_path))
         else:
             stale += 1
         log(f"epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
             f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s"
             + ("  *best" if improved else ""))
+        if on_epoch is not None and _all_sum([rank == 0 and bool(on_epoch(epoch, row))], device)[0]:
+            log(f"stopped after epoch {epoch} by the on_epoch callback (a search pruned this trial)")
+            break
         if patience is not None and stale >= patience and epoch < epochs:
             log(f"early stop: no {monitor} improvement for {patience} epochs; best epoch {best_epoch}")
             break
@@ -241,10 +265,53 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor], split: Any, *, preproces
 @torch.no_grad()
 def _evaluate(model: nn.Module, split: Any, preprocess: Preprocess, batch_size: int,
               device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``split``."""
-    logits = torch.from_numpy(extract(model, split, preprocess=preprocess, batch_size=batch_size, device=device))
-    labels = split.labels.cpu()
-    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+    """Mean cross-entropy and accuracy of ``model`` on ``split``; each rank scores every ``world``-th sample."""
+    rank, world = _world()
+    idx = torch.arange(rank, len(split.labels), world)
+    loss_sum, correct = 0.0, 0
+    if len(idx):
+        shard = split if world == 1 else _Shard(split.images[idx], split.labels[idx])
+        logits = torch.from_numpy(extract(model, shard, preprocess=preprocess, batch_size=batch_size,
+                                          device=device))
+        labels = shard.labels.cpu()
+        loss_sum = F.cross_entropy(logits, labels, reduction="sum").item()
+        correct = (logits.argmax(1) == labels).sum().item()
+    loss_sum, correct, count = _all_sum([loss_sum, correct, len(idx)], device)
+    return loss_sum / count, correct / count
+
+
+@dataclass
+class _Shard:
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    """``values`` summed over the ranks (themselves in a single process)."""
+    if _world()[1] == 1:
+        return [float(v) for v in values]
+    total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def _shard(order: torch.Tensor, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of an epoch's ``order``: every ``world``-th sample of each global batch.
+
+    ``order`` is first padded (repeating its start) to a multiple of ``world``, so every rank gets
+    the same number of samples and steps, and rank slices of a batch put together give the batch.
+    """
+    if world == 1:
+        return order
+    padded = order[torch.arange(math.ceil(len(order) / world) * world) % len(order)]
+    return torch.cat([padded[s:s + batch_size][rank::world] for s in range(0, len(padded), batch_size)])
 
 
 def _batches(images: torch.Tensor, order: torch.Tensor, batch_size: int,
