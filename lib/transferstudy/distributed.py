@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import bundle, config, features, models, regimes, runner
+from .results import swap_into_place
 from . import session as study
 
 REGIMES = ("partial", "full")
@@ -66,12 +67,7 @@ def fine_tune(regime: str, model: str, dataset: str, profile: str, data_root: st
                             {"regime": regime, **run.recorder.meta})
     run.finish(trainable=trainable, total=total, world_size=world,
                backend=dist.get_backend() if world > 1 else None)
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    stage.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(stage, final)
     return final
 
 

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,16 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def swap_into_place(stage: Path, final: Path) -> None:
+    """Move a finished run folder ``stage`` to ``final``; the old ``final`` is removed only after the move."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    stage.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _jsonable(value: Any) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import config
-from .results import read_json, write_json, write_table
+from .results import read_json, swap_into_place, write_json, write_table
 
 PACKAGE_DIR = Path(__file__).parent
 NOTEBOOK_DIR = PACKAGE_DIR.parent.parent / "notebooks"
@@ -162,13 +162,7 @@ def execute(spec: RunSpec, profile: str, data_root: Path, runs_root: Path, overr
 
     meta["fingerprint"] = digest
     write_json(stage / "meta.json", meta)
-    # Swap the new result in: the old one is removed only once the new one is complete.
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    stage.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(stage, final)
     shutil.rmtree(final.with_name(final.name + ".failed"), ignore_errors=True)
     return Outcome(spec, "ok", time.time() - started, final)
 
