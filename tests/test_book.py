@@ -20,13 +20,15 @@ from pathlib import Path
 import matplotlib
 import nbformat
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 from conftest import EXTRACT, REPO
 from synthetic import FERPLUS_TRAIN_PER_EMOTION, clear_votes, write_cifar_imagefolder, write_ferplus_microsoft
 
-from transferstudy import book, cli, config, figures, regimes, runner
+from transferstudy import book, cli, config, figures, regimes, results, runner, search
 
 matplotlib.use("Agg")
 
@@ -260,6 +262,156 @@ def test_grids_and_bars_reject_nothing_to_draw_and_label_what_they_draw():
     fig = figures.per_class_f1_compare(pd.DataFrame({"a": {"cat": 0.9, "dog": 0.2}, "b": {"cat": 0.8, "dog": 0.4}}), "t")
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["dog", "cat"]  # weakest at the bottom
     _check_figure(fig)
+
+
+# --- the hyperparameter search chapter, from real Optuna studies -------------------------------------------
+
+# trial plans of the studies below: (lr, batch_size, what happens); a trial's val accuracy follows its settings
+SEARCH_PLANS = {"alexnet": [(1e-3, 32, "complete"), (3e-4, 32, "pruned"), (3e-4, 64, "complete"), (1e-3, 64, "fail")],
+                "deit_base": [(5e-3, 16, "complete"), (1e-4, 16, "fail")]}
+SEARCH_PRETRAINED = {"alexnet": False, "deit_base": True}
+
+
+def write_search(runs: Path, model: str, pretrained: bool) -> Path:
+    """A real SQLite Optuna study of ``model``'s linear probe whose trials set what `transferstudy search`'s do
+    (no notebook: a trial's run folder holds only its meta.json), summarised by ``search.write_summary``."""
+    run = {"dataset": "cifar10", "model": model, "regime": "linear_probe", "profile": "smoke"}
+    name = search.default_study_name(run["dataset"], model, run["regime"], run["profile"])
+    output = runs / "search" / name
+    output.mkdir(parents=True)
+    study = optuna.create_study(study_name=name, storage=search.open_storage(f"sqlite:///{output / 'study.db'}"),
+                                direction="maximize", pruner=optuna.pruners.NopPruner())
+    study.set_user_attr("run", run)
+    plan = SEARCH_PLANS[model]
+    space = {"lr": sorted({lr for lr, _, _ in plan}), "batch_size": sorted({bs for _, bs, _ in plan})}
+    for lr, batch_size, _ in plan:
+        study.enqueue_trial({"lr": lr, "batch_size": batch_size})
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = {"pretrained": pretrained, **search.suggest(trial, space)}
+        outcome = plan[trial.number][2]
+        run_dir = output / "trials" / f"{trial.number:04d}" / "smoke" / "cifar10" / model / "linear_probe"
+        run_dir.mkdir(parents=True)
+        results.write_json(run_dir / "meta.json", {"pretrained": pretrained, "device": "cpu", "status": "ok"})
+        trial.set_user_attr("overrides", overrides)
+        trial.set_user_attr("run_dir", str(run_dir))
+        if outcome == "fail":
+            trial.set_user_attr("error", "CUDA out of memory\nTraceback ...")
+            raise search.TrialFailed(f"trial {trial.number}: CUDA out of memory")
+        val = round(overrides["lr"] * 100 + overrides["batch_size"] / 1000, 4)
+        epochs = 1 if outcome == "pruned" else 2
+        for epoch in range(1, epochs + 1):
+            trial.report(val - 0.05 * (epochs - epoch), epoch)
+        trial.set_user_attr("test_accuracy", val - 0.01)
+        trial.set_user_attr(search.OBJECTIVE, val)
+        if outcome == "pruned":
+            trial.set_user_attr("pruned_epoch", epoch)
+            raise optuna.TrialPruned()
+        return val
+
+    study.optimize(objective, n_trials=len(plan), catch=(search.TrialFailed,))
+    search.write_summary(study, output, "data")
+    return output
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """The book generated from a runs store holding one search study per model (and no run of the profile)."""
+    tmp = tmp_path_factory.mktemp("searched")
+    folders = {m: write_search(tmp / "runs", m, SEARCH_PRETRAINED[m]) for m in config.MODELS}
+    root = copy_book_sources(tmp / "book")
+    book.generate(tmp / "runs" / "smoke", tmp / "no-data", root)
+    return root, folders
+
+
+def _study_sections(snippet: str) -> dict[str, str]:
+    """The search snippet's sections, by the heading that opens each."""
+    return {part.split("\n", 1)[0]: part for part in snippet.split("### ")[1:]}
+
+
+@pytest.mark.parametrize("model", config.MODELS)
+def test_search_chapter_shows_each_study_from_its_files(searched, model):
+    root, folders = searched
+    sections = _study_sections((root / book.GENERATED / "include" / "search-results.md").read_text())
+    assert len(sections) == len(config.MODELS)
+    text = sections[f"{book.MODEL_LABELS[model]} on CIFAR-10, linear probe"]
+    summary = results.read_json(folders[model] / "summary.json")
+    trials = pd.read_csv(folders[model] / "trials.csv")
+    plan = SEARCH_PLANS[model]
+    complete = [(n, lr, bs) for n, (lr, bs, outcome) in enumerate(plan) if outcome == "complete"]
+    best, best_lr, best_bs = max(complete, key=lambda t: t[1] * 100 + t[2] / 1000)
+    assert summary["best_trial"] == best
+    # identity and provenance
+    assert f"study `{summary['study']}`" in text and "profile `smoke`" in text and "device `cpu`" in text
+    assert "SQLite file" in text and str(trials["completed"].max())[:10] in text
+    assert ("{warning}" in text and "**randomly initialised**" in text) == (not SEARCH_PRETRAINED[model])
+    assert ("ImageNet-pretrained" in text) == SEARCH_PRETRAINED[model]
+    # the best trial: its settings, val accuracy, test accuracy labelled as not chosen on, and its command
+    best_row = trials.set_index("number").loc[best]
+    assert f"**Best: trial {best}**, validation accuracy **{100 * best_row['val_accuracy']:.2f}%**" in text
+    assert f"test accuracy, {100 * best_row['test_accuracy']:.2f}%, is shown for reference only" in text
+    assert f"| `lr` | `{best_lr}` |" in text and f"| `batch_size` | `{best_bs}` |" in text
+    assert f"```bash\n{summary['run_command']}\n```" in text
+    assert f"-p pretrained {str(SEARCH_PRETRAINED[model]).lower()} -p lr {best_lr} -p batch_size {best_bs}" in text
+    # one table row per trial, with its state, settings, val accuracy and pruned epoch
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \| ", line)]
+    assert len(rows) == len(plan)
+    for n, (lr, bs, outcome) in enumerate(plan):
+        row = trials.set_index("number").loc[n]
+        val = "—" if outcome == "fail" else f"{100 * row['val_accuracy']:.2f}%"
+        state = "failed: `CUDA out of memory`" if outcome == "fail" else outcome
+        pruned = "1" if outcome == "pruned" else "—"
+        assert rows[n].startswith(f"| {n} | {state} | {lr} | {bs} | {val} | {pruned} | "), rows[n]
+    # the figures: history and curves always here, importances only with 2 complete trials that differ
+    figures_shown = re.findall(r"\{figure\} (\S+)", text)
+    kinds = sorted(src.rsplit("-", 1)[1].removesuffix(".png") for src in figures_shown)
+    assert kinds == (["curves", "history", "importances"] if len(complete) >= 2 else ["curves", "history"])
+    if len(complete) < 2:
+        assert f"No parameter importances for this study: {len(complete)} complete trial" in text
+    for src in figures_shown:
+        with Image.open(root / src.lstrip("/")) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+            assert image.convert("RGB").getpixel((0, 0)) == (255, 255, 255)  # white background
+
+
+def test_search_chapter_says_how_to_run_a_search_when_there_is_none(tmp_path):
+    root = copy_book_sources(tmp_path / "book")
+    book.generate(tmp_path / "runs" / "quick", tmp_path / "no-data", root)
+    text = (root / book.GENERATED / "include" / "search-results.md").read_text()
+    assert "No hyperparameter search has run yet" in text and f"```bash\n{book.SEARCH_EXAMPLE}\n```" in text
+    assert "-p pretrained false" in book.SEARCH_EXAMPLE and "next `make book`" in text
+    assert not list((root / book.GENERATED / "figures").glob("search-*"))
+
+
+@pytest.mark.parametrize("summary", ["{not json", '{"study": "s"}'], ids=["bad-json", "missing-keys"])
+def test_a_broken_search_folder_is_named_with_the_fix(tmp_path, summary):
+    folder = tmp_path / "runs" / "search" / "broken"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(summary)
+    (folder / "trials.csv").write_text("number,state\n0,complete\n")
+    with pytest.raises(book.BookError, match=r"broken.*rerun one worker of that search"):
+        book.generate(tmp_path / "runs" / "smoke", tmp_path / "no-data", copy_book_sources(tmp_path / "book"))
+
+
+def test_search_figures_draw_each_trial_and_refuse_nothing_to_draw():
+    trials = pd.DataFrame({"number": [0, 1, 2, 3], "state": ["complete", "pruned", "complete", "fail"],
+                           "val_accuracy": [0.4, 0.2, 0.6, None],
+                           "reported": ['{"1": 0.3, "2": 0.4}', '{"1": 0.2}', '{"1": 0.5, "2": 0.6}', "{}"]})
+    fig = figures.search_history(trials, "t")
+    ax = fig.axes[0]
+    points = [c.get_offsets() for c in ax.collections]
+    assert [p[:, 0].tolist() for p in points] == [[0, 2], [1]]  # complete, then pruned; the failed trial has no value
+    assert ax.lines[0].get_ydata().tolist() == [0.4, 0.6]  # best so far
+    _check_figure(fig)
+    fig = figures.search_curves(trials, "t")
+    assert [line.get_label() for line in fig.axes[0].lines] == ["trial 0", "trial 1", "trial 2"]
+    assert [line.get_linestyle() for line in fig.axes[0].lines] == ["-", "--", "-"]
+    _check_figure(fig)
+    fig = figures.param_importances(pd.DataFrame({"param": ["lr", "epochs"], "importance": [0.7, 0.3]}), "t")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["epochs", "lr"]  # most important on top
+    _check_figure(fig)
+    with pytest.raises(ValueError, match="at least 2 complete trials"):
+        figures.param_importances(pd.DataFrame(columns=["param", "importance"]), "t")
 
 
 # --- generated from a real smoke study ------------------------------------------------------------------

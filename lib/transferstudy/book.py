@@ -9,12 +9,15 @@
 * ``include/*.md``: the snippets the pages pull in with ``{include}`` (tables, figures, notes).
 * ``figures/*.png``: the figures those snippets show.
 
-Every snippet in ``INCLUDES`` is always written (a note where inputs are missing), so the build
+The search chapter shows every hyperparameter search under ``<runs>/search/*/`` (``transferstudy search``),
+whatever its profile. Every snippet in ``INCLUDES`` is always written (a note where inputs are missing), so the build
 never meets a missing file. Every number says where it came from: profile, initialisation, device, date.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -43,6 +46,7 @@ MIN_EMBED_POINTS = 5  # t-SNE and UMAP need a handful of neighbours
 INCLUDES = ("banner", "models-architecture", "models-params", "comparison-figure", "comparison-cnn-vit",
             "comparison-near-far", "comparison-gains", "reported", "reproduce-profiles", "reproduce-times",
             *(f"regime-{r}" for r in config.NOTEBOOK_REGIMES),
+            "search-results",
             *(f"{part}-{d}" for part in ("datasets", "embeddings", "errors") for d in config.DATASETS))
 _PATH_PARAMETERS = ("data_dir", "output_dir", "cache_dir", "source_dir")
 _FERPLUS_RULES = {
@@ -130,8 +134,8 @@ def generate(profile_dir: str | Path, data_root: str | Path, book_root: str | Pa
     """Write ``<book_root>/book/_generated/`` from the runs under ``profile_dir`` (= ``<runs>/<profile>``).
 
     ``data_root`` holds ``cifar10/`` and ``ferplus/`` (the dataset chapter and the error images read it;
-    a missing dataset becomes a note); ``book_root`` holds ``_config.yml`` and ``_toc.yml``. Returns the
-    files written.
+    a missing dataset becomes a note); ``book_root`` holds ``_config.yml`` and ``_toc.yml``. The search
+    chapter reads every study under ``<profile_dir>/../search/``, of any profile. Returns the files written.
     """
     profile_dir, data_root, book_root = Path(profile_dir), Path(data_root), Path(book_root)
     if profile_dir.name not in config.profiles():
@@ -150,7 +154,8 @@ def generate(profile_dir: str | Path, data_root: str | Path, book_root: str | Pa
     for state in book.runs.values():
         _write_run_page(book, state)
     snippets = {"banner": _banner(book), **_models(), **_comparison(book), "reported": _reported(book),
-                "reproduce-profiles": _profiles(book), "reproduce-times": _times(book)}
+                "reproduce-profiles": _profiles(book), "reproduce-times": _times(book),
+                "search-results": _searches(book, profile_dir.parent / "search")}
     for regime in config.NOTEBOOK_REGIMES:
         snippets[f"regime-{regime}"] = _regime_table(book, regime)
     for dataset in config.DATASETS:
@@ -787,3 +792,140 @@ def _times(book: _Book) -> str:
             + f"\n{_source(book, book.runs.values())}\n")
 
 
+
+
+# --- hyperparameter searches ----------------------------------------------------------------
+
+SEARCH_EXAMPLE = ("transferstudy search --model alexnet --dataset cifar10 --regime linear_probe --profile quick "
+                  "--trials 4 -p pretrained false")
+_SUMMARY_KEYS = ("study", "dataset", "model", "regime", "profile", "states")
+
+
+def _searches(book: _Book, search_dir: Path) -> str:
+    """One section per study under ``search_dir`` (``<runs>/search``), or a note saying how to run one."""
+    folders = sorted(p.parent for p in search_dir.glob("*/summary.json"))
+    if not folders:
+        return (f":::{{note}}\nNo hyperparameter search has run yet: `{search_dir}` holds no `*/summary.json`. "
+                f"Run one, for example\n\n```bash\n{SEARCH_EXAMPLE}\n```\n\nand the next `make book` (or "
+                f"`transferstudy book-data` then `jupyter-book build .`) shows its results here.\n:::\n")
+    return "\n".join(_study_section(book, folder) for folder in folders)
+
+
+def _read_study(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """A search folder's ``summary.json`` and ``trials.csv`` (parameters kept as the text the search wrote)."""
+    fix = (f"rerun one worker of that search (`transferstudy search` with the same options) to rewrite it, "
+           f"or remove {folder}")
+    try:
+        summary = results.read_json(folder / "summary.json")
+        columns = pd.read_csv(folder / "trials.csv", nrows=0).columns
+        trials = pd.read_csv(folder / "trials.csv", dtype={c: str for c in columns if c.startswith("param_")})
+    except (ValueError, FileNotFoundError) as exc:  # bad JSON, an empty or missing trials.csv
+        raise BookError(f"search folder {folder}: {exc}; {fix}") from exc
+    missing = [k for k in _SUMMARY_KEYS if k not in summary]
+    if missing:
+        raise BookError(f"{folder / 'summary.json'} lacks {', '.join(missing)}: not written by "
+                        f"`transferstudy search`; {fix}")
+    return summary, trials
+
+
+def _study_pretrained(summary: dict[str, Any], metas: list[dict[str, Any]]) -> bool | None:
+    """Whether the trials started from ImageNet weights: their run records, else the profile with the best overrides."""
+    values = {m["pretrained"] for m in metas if "pretrained" in m}
+    if values:
+        return values.pop() if len(values) == 1 else None
+    if "best_overrides" in summary:
+        return config.resolve(summary["regime"], summary["model"], summary["dataset"], summary["profile"],
+                              summary["best_overrides"]).get("pretrained")
+    return None
+
+
+def _trial_state(row: pd.Series) -> str:
+    if row.get("surplus") in (True, "True"):
+        return "not run (surplus)"
+    if row["state"] == "fail":
+        return "failed" + (f": {_error_line({'error': row['error']})}" if isinstance(row.get("error"), str) else "")
+    return str(row["state"])
+
+
+def _study_section(book: _Book, folder: Path) -> str:
+    summary, trials = _read_study(folder)
+    trials = trials.sort_values("number")
+    metas = [results.read_json(p) for p in sorted(folder.glob("trials/*/*/*/*/*/meta.json"))]
+    pretrained = _study_pretrained(summary, metas)
+    model, dataset, regime = summary["model"], summary["dataset"], summary["regime"]
+    title = (f"{MODEL_LABELS.get(model, model)} on {DATASET_LABELS.get(dataset, dataset)}, "
+             f"{REGIME_LABELS.get(regime, regime).lower()}")
+    days = sorted(str(d)[:10] for d in trials["completed"].dropna())
+    when = "no trial finished" if not days else days[0] if days[0] == days[-1] else f"{days[0]} to {days[-1]}"
+    devices = sorted({str(m["device"]) for m in metas if m.get("device")})
+    source = " · ".join([f"study `{summary['study']}`", f"profile `{summary['profile']}`", _init_label(pretrained),
+                         *(f"device `{d}`" for d in devices), when])
+    storage = ("a SQLite file, `study.db` in the search folder" if (folder / "study.db").is_file()
+               else "a shared database (`--storage`) outside the search folder")
+    counts = ", ".join(f"{n} {'failed' if s == 'fail' else s}" for s, n in summary["states"].items() if n)
+
+    text = f"### {title}\n\n"
+    if pretrained is False:
+        text += _note("This search ran from **randomly initialised** backbones (`pretrained: false`), not from "
+                      "ImageNet weights: its numbers show that the search runs, not which settings transfer "
+                      "best.", "warning") + "\n"
+    text += f"**Where these numbers come from:** {source} · storage: {storage} · trials: {counts}.\n\n"
+    if "best_trial" in summary:
+        best = trials[trials["number"] == summary["best_trial"]]
+        test = best["test_accuracy"].iloc[0] if len(best) else None
+        text += (f"**Best: trial {summary['best_trial']}**, validation accuracy **{_pct(summary['best_value'])}** "
+                 f"(the score the search maximised). Its test accuracy, {_pct(test)}, is shown for reference only: "
+                 f"it was never used to choose.\n\n")
+        text += _table(["searched setting", "best choice"],
+                       [(f"`{k}`", f"`{v}`") for k, v in summary["best_params"].items()])
+        text += (f"\nRe-run the best trial (with every setting it overrode, pinned ones included):\n\n"
+                 f"```bash\n{summary['run_command']}\n```\n\n")
+    else:
+        text += _note("No trial of this study completed, so it has no best settings: the table shows what became "
+                      "of each trial.") + "\n"
+
+    params = [c for c in trials.columns if c.startswith("param_")]
+    rows = [(row["number"], _trial_state(row), *(row[c] for c in params), _pct(row["val_accuracy"]),
+             "—" if pd.isna(row["pruned_epoch"]) else int(row["pruned_epoch"]), _pct(row["test_accuracy"]))
+            for _, row in trials.iterrows()]
+    text += ("Every trial: its settings, what became of it, and its validation accuracy (a pruned trial's is the "
+             "last it reported).\n\n")
+    text += _table(["trial", "state", *(f"`{c.removeprefix('param_')}`" for c in params), "val accuracy",
+                    "pruned after epoch", "test accuracy (not used)"], rows) + "\n"
+    return text + _study_figures(book, folder, trials, title, source)
+
+
+def _study_figures(book: _Book, folder: Path, trials: pd.DataFrame, title: str, source: str) -> str:
+    """The optimisation history, the per-epoch curves and the parameter importances of one study (or notes)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", folder.name)
+    text = ""
+    if trials["state"].isin(["complete", "pruned"]).any():
+        text += _figure(book, figures.search_history(trials, f"{title}: optimisation history"),
+                        f"search-{slug}-history", f"Validation accuracy of each trial, in the order the trials "
+                        f"were created (a pruned trial at the last value it reported), and the best complete "
+                        f"trial so far. Source: {source}.",
+                        "scatter of validation accuracy per trial with a step line of the best so far")
+    else:
+        text += _note("No trial finished with a validation accuracy: no optimisation history to draw.")
+    if trials["reported"].map(lambda s: bool(json.loads(s)) if isinstance(s, str) else False).any():
+        text += "\n" + _figure(book, figures.search_curves(trials, f"{title}: per-epoch validation accuracy"),
+                               f"search-{slug}-curves", f"The validation accuracy each trial reported after every "
+                               f"epoch: the values the pruner compared. Dashed: pruned at its last point. "
+                               f"Source: {source}.", "validation accuracy per epoch, one line per trial")
+    importances = pd.read_csv(folder / "importances.csv") if (folder / "importances.csv").is_file() else None
+    scores = trials.loc[trials["state"] == "complete", "val_accuracy"]
+    if importances is not None and len(importances) and scores.nunique() > 1:
+        text += "\n" + _figure(book, figures.param_importances(importances, f"{title}: parameter importances"),
+                               f"search-{slug}-importances", f"How much of the variation in validation accuracy "
+                               f"over the complete trials each searched setting explains (Optuna's default "
+                               f"estimate): a rough guide with this few trials. Source: {source}.",
+                               "bar chart of parameter importances")
+    else:
+        if len(scores) < 2:
+            why = f"{len(scores)} complete trial{'s' if len(scores) != 1 else ''}; Optuna needs at least 2"
+        elif scores.nunique() == 1:
+            why = f"its {len(scores)} complete trials all reached the same validation accuracy: nothing to explain"
+        else:
+            why = f"its {len(scores)} complete trials do not differ in any searched setting"
+        text += "\n" + _note(f"No parameter importances for this study: {why}.")
+    return text

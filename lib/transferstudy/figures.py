@@ -5,6 +5,7 @@ Each function draws one message and returns the matplotlib Figure.
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import matplotlib.pyplot as plt
@@ -212,5 +213,61 @@ def per_class_f1_compare(f1: pd.DataFrame, title: str):
     ax.set_ylabel("class (weakest at the bottom)")
     ax.set_title(title)
     ax.legend(frameon=False, loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --- the hyperparameter search's figures (a search folder's trials.csv and importances.csv) ---------
+
+SEARCH_STATES = {"complete": ("o", "#4878a8"), "pruned": ("x", "#e8a33d")}
+
+
+def search_history(trials: pd.DataFrame, title: str):
+    """Each trial's validation accuracy by trial number (a pruned trial at its last reported value), and the
+    best complete trial so far. ``trials`` is a search's ``trials.csv``."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for state, (marker, color) in SEARCH_STATES.items():
+        rows = trials[trials["state"] == state]
+        if len(rows):
+            ax.scatter(rows["number"], rows["val_accuracy"], marker=marker, color=color, label=state, zorder=3)
+    complete = trials[trials["state"] == "complete"].sort_values("number")
+    if len(complete):
+        ax.step(complete["number"], complete["val_accuracy"].cummax(), where="post", color="#6aa56a",
+                label="best so far")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="trial", ylabel="validation accuracy", title=title)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def search_curves(trials: pd.DataFrame, title: str):
+    """The validation accuracy each trial reported after every epoch (what the pruner compared); dashed:
+    pruned there. ``trials`` is a search's ``trials.csv``, whose ``reported`` column is JSON ``{epoch: value}``."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for row in trials.itertuples():
+        curve = {int(k): v for k, v in json.loads(row.reported).items()} if isinstance(row.reported, str) else {}
+        if curve:
+            epochs = sorted(curve)
+            ax.plot(epochs, [curve[e] for e in epochs], marker=".", alpha=0.8,
+                    linestyle="--" if row.state == "pruned" else "-", label=f"trial {row.number}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title=title)
+    if ax.lines:
+        ax.legend(frameon=False, fontsize="small", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def param_importances(importances: pd.DataFrame, title: str):
+    """Horizontal bars of each searched setting's importance (columns param, importance: a search's
+    ``importances.csv``), the most important at the top."""
+    if importances.empty:
+        raise ValueError("param_importances: importances.csv is empty; Optuna needs at least 2 complete trials "
+                         "with different settings to estimate importances")
+    frame = importances.sort_values("importance")
+    fig, ax = plt.subplots(figsize=(6, 1.3 + 0.45 * len(frame)))
+    ax.barh(frame["param"].astype(str), frame["importance"], color="#8c6bb1")
+    ax.set(xlabel="importance (share of variance)", ylabel="searched setting", title=title)
     fig.tight_layout()
     return fig
