@@ -25,7 +25,7 @@ import yaml
 from optuna.trial import TrialState
 from synthetic import write_cifar_imagefolder
 
-from transferstudy import cli, config, results, search
+from transferstudy import cli, config, results, search, trials
 
 RUN = dict(model="alexnet", dataset="cifar10", regime="linear_probe", profile="smoke")
 
@@ -92,11 +92,11 @@ def test_reporter_prunes_a_trial_behind_the_others(pruner, tmp_path, monkeypatch
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=search.open_storage(url), direction="maximize")
 
-    def report(values: list[float]) -> search.TrialReporter:
+    def report(values: list[float]) -> trials.TrialReporter:
         trial = study.ask()
-        monkeypatch.setenv(search.TRIAL_ENV, json.dumps({"storage": url, "study": "s", "pruner": pruner,
+        monkeypatch.setenv(trials.TRIAL_ENV, json.dumps({"storage": url, "study": "s", "pruner": pruner,
                                                          "trial_id": trial._trial_id}))
-        reporter = search.trial_reporter()
+        reporter = trials.trial_reporter()
         for epoch, value in enumerate(values, 1):
             if reporter(epoch, {"val_acc": value}):
                 break
@@ -110,8 +110,8 @@ def test_reporter_prunes_a_trial_behind_the_others(pruner, tmp_path, monkeypatch
     last = study.trials[-1]
     assert last.intermediate_values == ({1: 0.1, 2: 0.2} if pruner == "none" else {1: 0.1})
     assert report([0.9, 0.95]).pruned_epoch is None
-    monkeypatch.delenv(search.TRIAL_ENV)
-    assert search.trial_reporter() is None
+    monkeypatch.delenv(trials.TRIAL_ENV)
+    assert trials.trial_reporter() is None
 
 
 # --- the default storage: SQLite, no server ---------------------------------------------------

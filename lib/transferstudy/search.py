@@ -9,7 +9,7 @@ Each trial is :func:`transferstudy.runner.execute` with the trial's parameters a
 
 Pruning: the worker names the trial in the ``TRANSFERSTUDY_TRIAL`` environment variable that the
 notebook's kernel inherits; there :meth:`transferstudy.session.Session.fit` gets a
-:class:`TrialReporter` (:func:`trial_reporter`) that reports each epoch's validation accuracy to the
+:class:`~transferstudy.trials.TrialReporter` (:mod:`transferstudy.trials`) that reports each epoch's validation accuracy to the
 trial in the storage and stops training when the pruner says so. The run then finishes as usual
 (evaluation, records) with ``pruned_epoch`` in its ``meta.json``, and the trial is marked pruned.
 
@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import sqlalchemy
 import yaml
 
 with warnings.catch_warnings():  # optuna imports tqdm.auto, which warns in a kernel without ipywidgets
@@ -47,19 +46,14 @@ with warnings.catch_warnings():  # optuna imports tqdm.auto, which warns in a ke
     from optuna.trial import TrialState
 
 from . import config, runner
+from .trials import PRUNERS, TRIAL_ENV, SearchError, make_pruner, open_storage
 from .results import atomic_write_bytes, read_json, write_json, write_table
 
 SPACE_FILE = Path(__file__).with_name("searchspaces.yaml")
 REPORT_NOTEBOOK = runner.NOTEBOOK_DIR / "06_search.ipynb"
-TRIAL_ENV = "TRANSFERSTUDY_TRIAL"
-PRUNERS = ("median", "halving", "none")
 OBJECTIVE = "val_accuracy"  # maximised; the test split is only read, never searched on
 SEARCH_REGIMES = ("frozen_svm", "linear_probe", "partial", "full")
 POLL_S = 5.0
-
-
-class SearchError(ValueError):
-    """A bad search space, regime or storage."""
 
 
 class TrialFailed(RuntimeError):
@@ -132,63 +126,6 @@ def suggest(trial: optuna.trial.BaseTrial, space: dict[str, list]) -> dict[str, 
         else:
             overrides[name] = trial.suggest_categorical(name, choices)
     return overrides
-
-
-# --- storage, pruner, reporting from inside the notebook ------------------------------------
-
-
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    """median: below the median of finished trials at the same epoch (after 2 trials);
-    halving: asynchronous successive halving over epochs; none: never prune."""
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    if name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise SearchError(f"--pruner {name!r} is unknown; choose one of {', '.join(PRUNERS)}")
-
-
-def open_storage(url: str, heartbeat: int | None = None) -> optuna.storages.RDBStorage:
-    """An RDB storage (sqlite:///FILE or postgresql://...); with ``heartbeat`` seconds, a dead worker's
-    trial is failed after 4 missed beats and queued again (once) with the same parameters."""
-    if not url.startswith(("sqlite:///", "postgresql://", "postgresql+", "mysql")):
-        raise SearchError(f"--storage {url!r}: give sqlite:///PATH or postgresql://user@host:port/db")
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat options are experimental
-        kwargs: dict[str, Any] = {}
-        if heartbeat is not None:
-            kwargs = dict(heartbeat_interval=heartbeat, grace_period=4 * heartbeat,
-                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(1))
-        for wait in (1.0, 2.0):  # workers starting together may race to create the tables
-            try:
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
-            except sqlalchemy.exc.SQLAlchemyError:
-                time.sleep(wait)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
-
-
-class TrialReporter:
-    """Reports each epoch's val accuracy to a running trial; returns True when the pruner stops it."""
-
-    def __init__(self, spec: dict[str, Any]):
-        study = optuna.load_study(study_name=spec["study"], storage=open_storage(spec["storage"]),
-                                  pruner=make_pruner(spec["pruner"]))
-        self.trial = optuna.trial.Trial(study, spec["trial_id"])
-        self.pruned_epoch: int | None = None
-
-    def __call__(self, epoch: int, row: dict[str, float]) -> bool:
-        self.trial.report(row["val_acc"], epoch)
-        if self.trial.should_prune():
-            self.pruned_epoch = epoch
-        return self.pruned_epoch is not None
-
-
-def trial_reporter() -> TrialReporter | None:
-    """The reporter of the search trial this process runs (``$TRANSFERSTUDY_TRIAL``), else None."""
-    spec = os.environ.get(TRIAL_ENV)
-    return TrialReporter(json.loads(spec)) if spec else None
 
 
 # --- the worker ----------------------------------------------------------------------------

@@ -142,7 +142,7 @@ class Session:
         steps = -(-len(train) // cfg["batch_size"])
         sched = training.make_scheduler(opt, name=cfg["scheduler"], epochs=cfg["epochs"], steps_per_epoch=steps,
                                         warmup_frac=cfg["warmup_frac"])
-        from .search import trial_reporter  # reports each epoch when this run is a `transferstudy search` trial
+        from .trials import trial_reporter  # reports each epoch when this run is a `transferstudy search` trial
 
         reporter = trial_reporter()
         history = training.fit(module if module is not None else net, train, val, preprocess=preprocess, optimizer=opt, scheduler=sched,
