@@ -11,8 +11,8 @@ on CPU it runs plain fp32. Under ``torch.distributed`` (torchrun, see :mod:`tran
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from tqdm import tqdm  # plain bars: notebooks run under papermill, where widgets cannot render
+
+from .results import atomic_write_bytes
 
 Preprocess = Callable[[torch.Tensor, bool], torch.Tensor]
 EpochCallback = Callable[[int, dict[str, float]], bool]
@@ -347,8 +349,7 @@ def _check_split(split: Any, name: str) -> int:
 
 
 def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write ``state`` to ``path`` via a temporary file and ``os.replace`` (no half-written checkpoints)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write ``state`` to ``path`` atomically (no half-written checkpoints)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
