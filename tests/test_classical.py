@@ -9,7 +9,14 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from transferstudy.classical import CLASSIFIERS, ClippedPCA, fit_evaluate, svm_pipeline
+from transferstudy.classical import (
+    CLASSIFIERS,
+    ClippedPCA,
+    fit_evaluate,
+    margin_probabilities,
+    margin_temperature,
+    svm_pipeline,
+)
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -83,3 +90,30 @@ def test_fit_evaluate_rejects_mismatched_arrays(blobs):
         fit_evaluate(svm_pipeline(), X_tr, y_tr, X_va, y_va[:3], X_te, y_te, CLASSES)
     with pytest.raises(ValueError, match="X_train"):
         fit_evaluate(svm_pipeline(), X_tr[:, 0], y_tr, X_va, y_va, X_te, y_te, CLASSES)
+
+
+def _log_loss(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.mean(np.log(probs[np.arange(len(y)), y])))
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_margin_temperature_calibrates_without_changing_a_prediction(kernel, blobs):
+    X_train, y_train, X_val, y_val, X_test, y_test = blobs
+    svm = svm_pipeline(kernel=kernel).fit(X_train, y_train)
+    t = margin_temperature(svm, X_val, y_val)
+    assert 1e-3 < t < 1e3
+    probs = margin_probabilities(svm, X_test, t)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(svm.classes_[probs.argmax(axis=1)], svm.predict(X_test))
+    # the fitted temperature beats nearby and far ones on the split it was fitted on
+    val_loss = _log_loss(margin_probabilities(svm, X_val, t), y_val)
+    for other in (t / 3, t * 3, 1.0):
+        assert val_loss <= _log_loss(margin_probabilities(svm, X_val, other), y_val) + 1e-9
+
+
+def test_margin_temperature_names_labels_the_svm_never_saw(blobs):
+    X_train, y_train, X_val, y_val, *_ = blobs
+    svm = svm_pipeline().fit(X_train[y_train < 3], y_train[y_train < 3])
+    with pytest.raises(ValueError, match=r"y_val holds classes the SVM was not fitted on: \[3\]"):
+        margin_temperature(svm, X_val, y_val)
+

@@ -18,6 +18,7 @@ from transferstudy.models import (
     autocast,
     build_model,
     embed,
+    extractor,
     head,
     select_device,
 )
@@ -87,6 +88,22 @@ def test_embed_default_kind(built, name: str) -> None:
     default = {"alexnet": "penultimate", "deit_base": "cls"}[name]
     with torch.no_grad():
         assert torch.equal(embed(model, name, x), embed(model, name, x, default))
+
+
+# parameters an extractor holds: AlexNet's conv trunk (+ fc6, fc7 for "penultimate"); DeiT all of it (the 7,690-
+# parameter head rides along)
+EXTRACTOR_PARAMS = {("alexnet", "pooled"): 2_469_696, ("alexnet", "penultimate"): 57_003_840,
+                    ("deit_base", "cls"): 85_806_346}
+
+
+@pytest.mark.parametrize(("name", "kind"), list(EMBEDDING_DIMS))
+def test_extractor_holds_only_the_layers_its_features_need(built, name: str, kind: str) -> None:
+    model, x = built[name].eval(), images(name, seed=2)
+    module = extractor(model, name, kind)
+    assert sum(p.numel() for p in module.parameters()) == EXTRACTOR_PARAMS[(name, kind)]
+    assert {id(p) for p in module.parameters()} <= {id(p) for p in model.parameters()}, "shared, not copied"
+    with torch.no_grad():
+        assert torch.equal(module(x), embed(model, name, x, kind))
 
 
 def test_bad_names(built) -> None:

@@ -2,9 +2,11 @@
 
 A fine-tuned bundle holds ``checkpoint.pt`` (the best-on-val state dict), ``model.torchscript.pt``,
 ``classes.json`` and ``meta.json``. An SVM bundle holds ``extractor.torchscript.pt`` (the frozen
-feature extractor), ``classifier.skops`` (the fitted StandardScaler + SVM pipeline, in skops'
-safe format rather than pickle), ``classes.json`` and ``meta.json``. ``meta.json`` records the
-preprocessing: RGB -> [0, 1] -> resize/crop to 224 -> ImageNet mean/std.
+feature extractor, only the layers the features need), ``classifier.skops`` (the fitted
+StandardScaler + SVM pipeline, in skops' safe format rather than pickle), ``classes.json`` and
+``meta.json``, which also holds the temperature that turns the SVM's margins into probabilities
+(fitted on the validation split). ``meta.json`` records the preprocessing: RGB -> [0, 1] ->
+resize/crop to 224 -> ImageNet mean/std.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .classical import margin_probabilities, margin_temperature
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessor
 from .results import atomic_write_bytes, write_json
 
@@ -31,7 +34,7 @@ class BundleError(ValueError):
     """A bundle folder or image that cannot be used."""
 
 
-def _save_torchscript(module: Callable[[torch.Tensor], torch.Tensor] | nn.Module, path: Path,
+def _save_torchscript(module: nn.Module, path: Path,
                       example: torch.Tensor) -> None:
     with warnings.catch_warnings():  # TorchScript is deprecated upstream, and is still what the study shipped
         warnings.simplefilter("ignore", FutureWarning)
@@ -53,17 +56,6 @@ def _meta(kind: str, model: str, classes: tuple[str, ...], preprocess: Preproces
                               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}, **extra}
 
 
-class _Embedder(nn.Module):
-    """A traceable wrapper around an embedding function of a model."""
-
-    def __init__(self, net: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self.net, self.fn = net, fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-
 def export_finetuned(bundle_dir: Path, net: nn.Module, model: str, classes: tuple[str, ...],
                      preprocess: Preprocessor, extra: dict[str, Any]) -> Path:
     """Write a fine-tuned model's bundle; returns the checkpoint path."""
@@ -78,18 +70,22 @@ def export_finetuned(bundle_dir: Path, net: nn.Module, model: str, classes: tupl
     return bundle_dir / "checkpoint.pt"
 
 
-def export_svm(bundle_dir: Path, net: nn.Module, embed: Callable[[torch.Tensor], torch.Tensor], pipeline: Any,
-               model: str, classes: tuple[str, ...], preprocess: Preprocessor, extra: dict[str, Any]) -> None:
-    """Write a frozen-features + SVM bundle."""
+def export_svm(bundle_dir: Path, extractor: nn.Module, pipeline: Any, model: str, classes: tuple[str, ...],
+               preprocess: Preprocessor, extra: dict[str, Any], X_val: np.ndarray, y_val: np.ndarray) -> None:
+    """Write a frozen-features + SVM bundle; ``extractor`` is :func:`transferstudy.models.extractor`.
+
+    The validation split's features and labels fit the margin temperature that ``predict`` uses.
+    """
     import skops.io as sio
 
     bundle_dir = Path(bundle_dir)
-    net = net.eval().cpu()
+    temperature = margin_temperature(pipeline, X_val, y_val)
     example = torch.zeros(1, 3, preprocess.size, preprocess.size)
-    _save_torchscript(_Embedder(net, embed).eval(), bundle_dir / "extractor.torchscript.pt", example)
+    _save_torchscript(extractor.eval().cpu(), bundle_dir / "extractor.torchscript.pt", example)
     atomic_write_bytes(bundle_dir / "classifier.skops", sio.dumps(pipeline))
     write_json(bundle_dir / "classes.json", list(classes))
-    write_json(bundle_dir / "meta.json", _meta(SVM, model, classes, preprocess, extra))
+    write_json(bundle_dir / "meta.json", _meta(SVM, model, classes, preprocess,
+                                               {**extra, "margin_temperature": temperature}))
 
 
 def load_finetuned(bundle_dir: Path, model: str, num_classes: int) -> nn.Module:
@@ -131,7 +127,10 @@ def load_meta(bundle_dir: Path) -> dict:
 
 
 def predict_files(bundle_dir: str | Path, images: list[str | Path]) -> list[dict[str, Any]]:
-    """Classify image files on CPU with a bundle: class name and probability (SVMs: decision margin)."""
+    """Classify image files on CPU with a bundle: class name and its probability.
+
+    SVM bundles: the softmax of the margins at the temperature fitted on the validation split.
+    """
     bundle_dir = Path(bundle_dir)
     meta = load_meta(bundle_dir)
     pre = meta["preprocessing"]
@@ -143,7 +142,6 @@ def predict_files(bundle_dir: str | Path, images: list[str | Path]) -> list[dict
             probs = scripted(x).softmax(1).numpy()
             pred = probs.argmax(1)
             score = probs[np.arange(len(pred)), pred]
-            score_name = "probability"
         else:
             import skops.io as sio
 
@@ -156,8 +154,7 @@ def predict_files(bundle_dir: str | Path, images: list[str | Path]) -> list[dict
             pipeline = sio.load(skops_file, trusted=sorted(TRUSTED_TYPES))
             feats = extractor(x).numpy()
             pred = pipeline.predict(feats)
-            margins = pipeline.decision_function(feats)
-            score = margins[np.arange(len(pred)), pred] if margins.ndim == 2 else np.abs(margins)
-            score_name = "margin"
-    return [{"image": str(path), "class": classes[int(p)], score_name: float(s)}
+            probs = margin_probabilities(pipeline, feats, meta["margin_temperature"])
+            score = probs[np.arange(len(pred)), np.searchsorted(pipeline.classes_, pred)]
+    return [{"image": str(path), "class": classes[int(p)], "probability": float(s)}
             for path, p, s in zip(images, pred, score)]

@@ -119,3 +119,45 @@ def n_parameters(pipeline: Pipeline) -> int:
             return int(sum(np.size(getattr(clf, a)) for a in attrs))
     raise ValueError(f"cannot count the parameters of {type(clf).__name__}; n_parameters supports linear "
                      f"models and SVMs")
+
+
+def _margins(pipeline: Pipeline, X: np.ndarray) -> np.ndarray:
+    margins = np.asarray(pipeline.decision_function(X), dtype=np.float64)
+    return margins if margins.ndim == 2 else np.stack([-margins, margins], axis=1)  # binary: one margin
+
+
+def margin_probabilities(pipeline: Pipeline, X: np.ndarray, temperature: float) -> np.ndarray:
+    """Class probabilities of an SVM as the softmax of its decision margins divided by ``temperature``.
+
+    The argmax is the SVM's own prediction for any temperature (ovr margins, as LinearSVC and SVC give).
+    """
+    z = _margins(pipeline, X) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def margin_temperature(pipeline: Pipeline, X_val: np.ndarray, y_val: np.ndarray) -> float:
+    """The temperature that makes :func:`margin_probabilities` fit held-out labels best (least log loss).
+
+    Temperature scaling (Guo et al., 2017) on SVM margins: one number, fitted on the validation split,
+    so predictions stay the SVM's and only their stated confidence is calibrated.
+    """
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y_val)
+    if len(y) == 0 or np.ndim(y) != 1:
+        raise ValueError(f"y_val must be a non-empty 1-D array of class indices, got shape {np.shape(y)}")
+    seen = np.isin(y, pipeline.classes_)
+    if not seen.all():
+        raise ValueError(f"y_val holds classes the SVM was not fitted on: {sorted(set(y[~seen].tolist()))}")
+    margins = _margins(pipeline, X_val)
+    cols = np.searchsorted(pipeline.classes_, y)  # the label's column among the classes the SVM saw
+
+    def log_loss(log_t: float) -> float:
+        z = margins / np.exp(log_t)
+        z -= z.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), cols]))
+
+    return float(np.exp(minimize_scalar(log_loss, bounds=(np.log(1e-3), np.log(1e3)), method="bounded").x))
+

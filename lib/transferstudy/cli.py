@@ -156,7 +156,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify image files with an exported bundle (CPU)",
                        description="Classify image files on CPU with a fine-tuned or SVM bundle "
-                                   "(<run folder>/bundle); prints class and probability (SVM: margin).")
+                                   "(<run folder>/bundle); prints class and probability.")
     p.add_argument("--bundle", required=True, help="a bundle folder, e.g. runs/quick/cifar10/alexnet/full/bundle")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -187,19 +187,38 @@ def embed(model: nn.Module, name: str, x: torch.Tensor, kind: str | None = None)
     classifier[6]. DeiT "cls" (default): the CLS pre-logits. Runs in eval mode (dropout off) and
     restores the model's mode; wrap in torch.inference_mode() when no gradients are needed.
     """
+    was_training = model.training
+    model.eval()
+    try:
+        return extractor(model, name, kind)(x)
+    finally:
+        model.train(was_training)
+
+
+class _DeiTPreLogits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def extractor(model: nn.Module, name: str, kind: str | None = None) -> nn.Module:
+    """A module computing `embed`'s features from the layers they need (shared with `model`, not copied).
+
+    What a frozen-feature bundle exports: AlexNet's "pooled" extractor is the 2.5M-parameter conv
+    trunk, not the whole 57M-parameter network; DeiT's is the whole network (its head is 7,690
+    parameters). The layers keep the model's current train/eval mode.
+    """
     check_name(name)
     kind = DEFAULT_EMBEDDING[name] if kind is None else kind
     if kind not in EMBEDDINGS[name]:
         raise ValueError(f"Unknown kind={kind!r} for model {name!r}; choose one of {EMBEDDINGS[name]}.")
-    was_training = model.training
-    model.eval()
-    try:
-        if name == "deit_base":
-            return model.forward_head(model.forward_features(x), pre_logits=True)
-        pooled = torch.flatten(model.avgpool(model.features(x)), 1)
-        return pooled if kind == "pooled" else model.classifier[:6](pooled)
-    finally:
-        model.train(was_training)
+    if name == "deit_base":
+        return _DeiTPreLogits(model)
+    layers = [model.features, model.avgpool, nn.Flatten(1)]
+    return nn.Sequential(*layers, *(model.classifier[:6] if kind == "penultimate" else []))
 
 
 def select_device(preference: str = "auto") -> torch.device:
