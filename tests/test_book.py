@@ -103,8 +103,8 @@ class Study:
     status: dict[str, str]
 
 
-@pytest.fixture(scope="session")
-def smoke(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Study:
+@pytest.fixture(scope="module")
+def smoke(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
     """The smoke study (random init) over ``ONLY``, plus one run made to fail with a bad label rule.
 
     The pages must follow what happened, so a run that fails for another reason is checked as a failed run.
@@ -117,10 +117,11 @@ def smoke(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Study:
     status = {spec.key: "missing" for spec in runner.matrix()} | {o.spec.key: o.status for o in outcomes}
     assert status[FAILING] == "failed", lines
     assert "ok" in status.values(), f"no smoke run finished, so no page shows a notebook: {lines}"
-    return Study(runs / "smoke", status)
+    yield Study(runs / "smoke", status)
+    shutil.rmtree(runs, ignore_errors=True)  # its bundles hold ~2 GB of weights; CI disks are small
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def generated(smoke: Study, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the book's sources with ``book/_generated`` written by ``transferstudy book-data``."""
     root = copy_book_sources(tmp_path_factory.mktemp("book"))
@@ -130,12 +131,12 @@ def generated(smoke: Study, data_root: Path, tmp_path_factory: pytest.TempPathFa
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def html(generated: Path) -> Path:
     return build(generated)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(html: Path) -> Iterator[str]:
     """The built HTML served on localhost."""
 
@@ -151,7 +152,7 @@ def server(html: Path) -> Iterator[str]:
     thread.join()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory):
     """Debian's headless Chromium with a fresh profile, driven by Playwright (which never downloads a browser)."""
     if not CHROMIUM.is_file():
@@ -479,6 +480,14 @@ def test_snippets_carry_provenance_banner_and_the_numbers_of_the_store(generated
     assert "| CIFAR-10 | DeiT-Base | Linear probe | 7,690 | 85,806,346 |" in params
     for row in regimes.param_table("alexnet", 8):
         assert f"{row['trainable']:,} | {row['total']:,}" in params
+    # Each finished run's wall time and peak memory, and the largest peak, are in the Reproduce chapter.
+    times = (include / "reproduce-times.md").read_text()
+    peaks = []
+    for run in frame[(frame["status"] == "ok") & frame["classifier"].isna()].itertuples():
+        meta = results.read_json(Path(run.run_dir) / "meta.json")
+        peaks.append(meta["peak_rss_mb"])
+        assert f"| {meta['wall_s']:.0f} s | {meta['peak_rss_mb'] / 1024:.1f} GiB | cpu |" in times, run.run_dir
+    assert f"largest peak resident memory of a run was {max(peaks) / 1024:.1f} GiB" in times
     # Figures referenced by the snippets exist.
     for snippet in include.glob("*.md"):
         for src in re.findall(r"\{figure\} (\S+)", snippet.read_text()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,9 @@ def ranks(tmp_path_factory) -> list[dict]:
     """Each model's step on 2 gloo processes (spawned once for all models)."""
     out = tmp_path_factory.mktemp("ddp")
     mp.spawn(_rank, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    steps = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    shutil.rmtree(out, ignore_errors=True)  # two models' weights per rank, read into memory above
+    return steps
 
 
 @pytest.mark.parametrize("name", NAMES)

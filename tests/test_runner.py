@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,11 @@ def run_cli(*args: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(synthetic_root, tmp_path_factory) -> Path:
+def smoke_runs(synthetic_root, tmp_path_factory) -> Iterator[Path]:
     runs = tmp_path_factory.mktemp("runs")
     assert run_cli("--data-root", str(synthetic_root), "--runs-dir", str(runs), "--only", ALEXNET_RUNS) == 0
-    return runs
+    yield runs
+    shutil.rmtree(runs, ignore_errors=True)  # ~1 GB of bundles; CI disks are small
 
 
 def table(runs: Path, capsys) -> list[dict]:
@@ -80,6 +82,8 @@ def test_run_folder_holds_every_record(smoke_runs):
     meta = results.read_json(run / "meta.json")
     assert meta["pretrained"] is False and meta["device"] == "cpu" and len(meta["split_hash"]) == 16
     assert {"torch", "timm", "date", "wall_s", "fingerprint"} <= set(meta)
+    # the kernel held AlexNet (57M fp32 parameters, 218 MiB) and its gradients: its peak is above that
+    assert 2 * 218 < meta["peak_rss_mb"] < 24 * 1024
     # the split is the same in every regime of a dataset
     hashes = {results.read_json(p)["split_hash"] for p in (smoke_runs / "smoke" / "cifar10").glob("*/*/split.json")}
     assert len(hashes) == 1
@@ -150,8 +154,10 @@ def test_predict_gives_the_in_memory_models_class(smoke_runs, synthetic_root, re
     saved = np.load(run / "predictions.npz")
     files = [str(synthetic_root / "cifar10" / f) for f in saved["files"]]
     classes = results.read_json(run / "bundle" / "classes.json")
-    predicted = [row["class"] for row in bundle.predict_files(run / "bundle", files)]
+    rows = bundle.predict_files(run / "bundle", files)
+    predicted = [row["class"] for row in rows]
     assert predicted == [classes[i] for i in saved["y_pred"]]
+    assert all(1 / len(classes) <= row["probability"] <= 1 for row in rows)  # the top class's probability
     capsys.readouterr()
     assert cli.main(["predict", "--bundle", str(run / "bundle"), files[0], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["class"] == predicted[0]

@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import math
-import resource
 import shlex
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from tqdm.auto import tqdm
 
 from . import classical, config, data, features, models, regimes, session, training
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessor
-from .results import atomic_write_bytes
+from .results import atomic_write_bytes, peak_rss_mb
 
 SPLITS = ("train", "val", "test")
 # Targets the benchmark reports against.
@@ -150,8 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak = matmul_peak_gflops(device, torch.float32)
     forward = _forward_speed(setup, ds)
     share = _preprocess_share(setup, ds)
-    usage_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    usage_self, usage_children = peak_rss_mb("self"), peak_rss_mb("children")
     result: dict[str, Any] = {
         "model": args.model, "dataset": args.dataset, "n": args.n, "n_val": n_eval, "n_test": n_eval,
         "pretrained": pretrained, "device": str(device), "torch": torch.__version__, "epochs": args.epochs,

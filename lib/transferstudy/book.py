@@ -779,16 +779,21 @@ def _profiles(book: _Book) -> str:
 
 
 def _times(book: _Book) -> str:
+    ran = [((d, m, r), s) for (d, m, r), s in book.runs.items() if s.status != "missing"]
     rows = [(DATASET_LABELS[d], MODEL_LABELS[m], REGIME_LABELS[r], s.status,
              f"{float(s.meta['wall_s']):.0f} s" if s.meta.get("wall_s") is not None else "—",
+             f"{s.meta['peak_rss_mb'] / 1024:.1f} GiB" if s.meta.get("peak_rss_mb") is not None else "—",
              s.meta.get("device", "—"))
-            for (d, m, r), s in book.runs.items() if s.status != "missing"]
+            for (d, m, r), s in ran]
     if not rows:
         return _note(f"No run of profile `{book.profile}` has been timed yet.")
-    total = sum(float(s.meta.get("wall_s") or 0) for s in book.runs.values() if s.status != "missing")
+    total = sum(float(s.meta.get("wall_s") or 0) for _, s in ran)
+    peaks = [s.meta["peak_rss_mb"] for _, s in ran if s.meta.get("peak_rss_mb") is not None]
+    peak = f"; the largest peak resident memory of a run was {max(peaks) / 1024:.1f} GiB" if peaks else ""
     return (f"Measured: the wall time of each run of this build (profile `{book.profile}`), notebook start to "
-            f"finish; {total / 60:.1f} minutes in all.\n\n"
-            + _table(["dataset", "model", "regime", "status", "wall time", "device"], rows)
+            f"finish, and the peak resident memory of its notebook's process; {total / 60:.1f} minutes in all"
+            f"{peak}.\n\n"
+            + _table(["dataset", "model", "regime", "status", "wall time", "peak memory", "device"], rows)
             + f"\n{_source(book, book.runs.values())}\n")
 
 

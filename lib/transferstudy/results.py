@@ -3,7 +3,8 @@
 A run folder holds ``params.json`` (its resolved settings), ``split.json`` (indices and hash),
 ``metrics.json``, ``curves.csv`` (per epoch, where there is training), ``predictions.npz``
 (test labels, predictions, probabilities), ``embeddings.npz`` (for the figures), the executed
-``notebook.ipynb`` and ``meta.json`` (status, provenance, wall time), which is written last.
+``notebook.ipynb`` and ``meta.json`` (status, provenance, wall time, peak resident memory), which
+is written last.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,15 @@ import pandas as pd
 
 TABLE_COLUMNS = ["model", "dataset", "regime", "classifier", "status", "val_accuracy", "test_accuracy",
                  "test_macro_f1", "trainable", "total", "pretrained", "profile", "device", "wall_s",
-                 "date", "split_hash", "error", "run_dir"]
+                 "peak_rss_mb", "date", "split_hash", "error", "run_dir"]
+
+
+def peak_rss_mb(who: str = "self") -> float:
+    """Peak resident memory in MiB of this process (``"self"``) or of its largest finished child (``"children"``)."""
+    import resource  # Unix only; the study's machines are Linux (and macOS, which counts bytes)
+
+    usage = resource.getrusage(resource.RUSAGE_SELF if who == "self" else resource.RUSAGE_CHILDREN).ru_maxrss
+    return usage / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -130,7 +140,7 @@ class RunRecorder:
     def finish(self, **meta: Any) -> dict[str, Any]:
         """Record status ok, wall time and provenance; call it as the notebook's last step."""
         self.meta.update(meta)
-        self.meta.update(status="ok", wall_s=round(time.time() - self.started, 2),
+        self.meta.update(status="ok", wall_s=round(time.time() - self.started, 2), peak_rss_mb=round(peak_rss_mb()),
                          **{k: self.params[k] for k in ("model", "dataset", "regime", "profile")})
         write_json(self.run_dir / "meta.json", self.meta)
         return self.meta
