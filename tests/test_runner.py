@@ -6,16 +6,18 @@ Marked slow: these execute real notebooks (AlexNet, random initialisation) in Ju
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import papermill as pm
 import pytest
 from synthetic import clear_votes, write_cifar_imagefolder, write_ferplus_microsoft
 
-from transferstudy import bundle, cli, results
+from transferstudy import bundle, cli, results, runner
 from transferstudy.runner import NOTEBOOKS, NOTEBOOK_DIR
 
 pytestmark = pytest.mark.slow
@@ -161,6 +163,20 @@ def test_predict_gives_the_in_memory_models_class(smoke_runs, synthetic_root, re
     capsys.readouterr()
     assert cli.main(["predict", "--bundle", str(run / "bundle"), files[0], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["class"] == predicted[0]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Unix sockets")
+def test_kernels_talk_over_unix_sockets_not_plain_tcp(tmp_path, capfd):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("out = None", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import json, pathlib\nfrom ipykernel.connect import get_connection_info\n"
+                                  "pathlib.Path(out).write_text(get_connection_info())")],
+        metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}})
+    nbformat.write(nb, tmp_path / "probe.ipynb")
+    runner.execute_notebook(tmp_path / "probe.ipynb", tmp_path / "done.ipynb", {"out": str(tmp_path / "conn.json")},
+                            tmp_path)
+    assert json.loads((tmp_path / "conn.json").read_text())["transport"] == "ipc"
+    assert "without encryption" not in capfd.readouterr().err
 
 
 def test_plain_papermill_runs_a_notebook_with_soft_targets(synthetic_root, tmp_path):

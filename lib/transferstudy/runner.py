@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -127,11 +128,32 @@ def _error_of(exc: BaseException) -> str:
     return f"{name}: {value}".strip()[:2000]
 
 
+def execute_notebook(source: Path, output: Path, parameters: dict[str, Any], cwd: Path) -> None:
+    """Execute a notebook with papermill, quietly: no progress bar, no cell output in the log.
+
+    On Unix the kernel talks over Unix sockets instead of plain-text loopback TCP, which other local
+    users could read (ipykernel warns about it at every start, burying the runner's own lines).
+    """
+    import papermill as pm
+
+    extra: dict[str, Any] = {"kernel_manager_class": _ipc_kernel_manager()} if os.name == "posix" else {}
+    pm.execute_notebook(str(source), str(output), parameters=parameters, kernel_name="python3",
+                        progress_bar=False, log_output=False, cwd=str(cwd), **extra)
+
+
+def _ipc_kernel_manager() -> type:
+    from jupyter_client import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IpcKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return IpcKernelManager
+
+
 def execute(spec: RunSpec, profile: str, data_root: Path, runs_root: Path, overrides: dict[str, Any],
             force: bool = False, code: str | None = None) -> Outcome:
     """Run one notebook; skip it when its last success has the same fingerprint."""
-    import papermill as pm
-
     code = code or _code_digest()
     final = run_dir_for(runs_root, profile, spec)
     params = notebook_parameters(spec, profile, data_root, final, runs_root, overrides)
@@ -146,9 +168,7 @@ def execute(spec: RunSpec, profile: str, data_root: Path, runs_root: Path, overr
     params["output_dir"] = str(stage.resolve())
     started = time.time()
     try:
-        pm.execute_notebook(str(notebook_path(spec.regime)), str(stage / "notebook.ipynb"),
-                            parameters=params, kernel_name="python3", progress_bar=False,
-                            log_output=False, cwd=str(stage))
+        execute_notebook(notebook_path(spec.regime), stage / "notebook.ipynb", params, stage)
         meta = read_json(stage / "meta.json")  # the notebook's last step writes it
     except Exception as exc:  # papermill raises its own error types and kernel errors
         failed = final.with_name(final.name + ".failed")

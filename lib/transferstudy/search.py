@@ -318,11 +318,8 @@ def load_best(output: str | Path) -> dict[str, Any]:
 
 def _write_report(output: Path) -> None:
     """Execute notebooks/06_search.ipynb on the finished study's summary into ``<output>/report.ipynb``."""
-    import papermill as pm
-
-    pm.execute_notebook(str(REPORT_NOTEBOOK), str(output / "report.ipynb"),
-                        parameters={"output": str(output.resolve()), "trials": 0}, kernel_name="python3",
-                        progress_bar=False, log_output=False, cwd=str(output))
+    runner.execute_notebook(REPORT_NOTEBOOK, output / "report.ipynb", {"output": str(output.resolve()), "trials": 0},
+                            output)
 
 
 # --- command line --------------------------------------------------------------------------
