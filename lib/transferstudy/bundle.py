@@ -23,7 +23,7 @@ from torch import nn
 
 from .classical import margin_probabilities, margin_temperature
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessor
-from .results import atomic_write_bytes, write_json
+from .results import atomic_write_bytes, write_json, write_state_dict
 
 FINETUNED, SVM = "finetuned", "svm"
 # Types of our own that an SVM bundle may hold besides scikit-learn's (which skops trusts).
@@ -61,9 +61,7 @@ def export_finetuned(bundle_dir: Path, net: nn.Module, model: str, classes: tupl
     """Write a fine-tuned model's bundle; returns the checkpoint path."""
     bundle_dir = Path(bundle_dir)
     net = net.eval().cpu()
-    buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
-    atomic_write_bytes(bundle_dir / "checkpoint.pt", buf.getvalue())
+    write_state_dict(bundle_dir / "checkpoint.pt", net.state_dict())
     _save_torchscript(net, bundle_dir / "model.torchscript.pt", torch.zeros(1, 3, preprocess.size, preprocess.size))
     write_json(bundle_dir / "classes.json", list(classes))
     write_json(bundle_dir / "meta.json", _meta(FINETUNED, model, classes, preprocess, extra))

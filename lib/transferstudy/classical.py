@@ -126,15 +126,17 @@ def _margins(pipeline: Pipeline, X: np.ndarray) -> np.ndarray:
     return margins if margins.ndim == 2 else np.stack([-margins, margins], axis=1)  # binary: one margin
 
 
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
 def margin_probabilities(pipeline: Pipeline, X: np.ndarray, temperature: float) -> np.ndarray:
     """Class probabilities of an SVM as the softmax of its decision margins divided by ``temperature``.
 
     The argmax is the SVM's own prediction for any temperature (ovr margins, as LinearSVC and SVC give).
     """
-    z = _margins(pipeline, X) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(axis=1, keepdims=True)
+    return np.exp(_log_softmax(_margins(pipeline, X) / temperature))
 
 
 def margin_temperature(pipeline: Pipeline, X_val: np.ndarray, y_val: np.ndarray) -> float:
@@ -155,9 +157,7 @@ def margin_temperature(pipeline: Pipeline, X_val: np.ndarray, y_val: np.ndarray)
     cols = np.searchsorted(pipeline.classes_, y)  # the label's column among the classes the SVM saw
 
     def log_loss(log_t: float) -> float:
-        z = margins / np.exp(log_t)
-        z -= z.max(axis=1, keepdims=True)
-        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), cols]))
+        return float(-np.mean(_log_softmax(margins / np.exp(log_t))[np.arange(len(y)), cols]))
 
     return float(np.exp(minimize_scalar(log_loss, bounds=(np.log(1e-3), np.log(1e3)), method="bounded").x))
 

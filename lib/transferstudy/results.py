@@ -91,6 +91,15 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def write_state_dict(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` a state dict atomically (a checkpoint is never seen half-written)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def provenance(device: str, pretrained: bool) -> dict[str, Any]:
     """Where a number came from: versions, device, date, and whether weights were pretrained."""
     import timm

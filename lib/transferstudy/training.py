@@ -11,7 +11,6 @@ on CPU it runs plain fp32. Under ``torch.distributed`` (torchrun, see :mod:`tran
 
 from __future__ import annotations
 
-import io
 import math
 import random
 import time
@@ -31,7 +30,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from tqdm import tqdm  # plain bars: notebooks run under papermill, where widgets cannot render
 
-from .results import atomic_write_bytes
+from .results import write_state_dict
 
 Preprocess = Callable[[torch.Tensor, bool], torch.Tensor]
 EpochCallback = Callable[[int, dict[str, float]], bool]
@@ -215,7 +214,7 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
             best_metric, best_epoch, stale = metric, epoch, 0
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             if checkpoint_path is not None and rank == 0:
-                _save_atomic(best_state, Path(checkpoint_path))
+                write_state_dict(Path(checkpoint_path), best_state)
         else:
             stale += 1
         log(f"epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
@@ -346,10 +345,3 @@ def _check_split(split: Any, name: str) -> int:
     if len(images) == 0:
         raise ValueError(f"{name} is empty; check n_train / n_val / n_test in the profile")
     return len(images)
-
-
-def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write ``state`` to ``path`` atomically (no half-written checkpoints)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
