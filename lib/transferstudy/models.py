@@ -233,6 +233,13 @@ def select_device(preference: str = "auto") -> torch.device:
     return torch.device("cuda")
 
 
+def channels_last(name: str) -> bool:
+    """Whether ``name`` gets channels-last input batches: AlexNet, whose convolutions run faster so on
+    CUDA and on CPU too (oneDNN; about 1.4x for the frozen forward on the 2-core dev machine)."""
+    check_name(name)
+    return name == "alexnet"
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device | str) -> Iterator[None]:
     """Mixed precision for the forward pass: fp16 autocast on CUDA, plain fp32 elsewhere (never bf16 on CPU)."""

@@ -23,6 +23,11 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 MODES = ("resize", "resize_crop")
 POLICIES = ("none", "light", "cifar_full", "fer", "deit")
 
+# Raised whenever the same arguments start giving different pixels: it is in the repr, which keys the
+# feature cache, so embeddings cached by an older version are recomputed. 2: eval resizes in uint8
+# before normalising, as PIL does (1 normalised first and resized floats).
+VERSION = 2
+
 # RandomResizedCrop area ranges per policy (torchvision's default aspect range 3/4-4/3).
 _RRC_SCALE = {"light": (0.8, 1.0), "cifar_full": (0.6, 1.0)}
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
@@ -44,7 +49,8 @@ class Preprocessor:
             The RandomResizedCrop policies crop straight to ``size`` (``mode`` then only sets eval).
             Inputs larger than ``size`` are first downscaled (antialiased) to a ``size`` short side.
         mean, std: per-channel normalisation of ``[0, 1]`` pixels.
-        channels_last: return channels-last memory format (faster convolutions on CUDA).
+        channels_last: return channels-last memory format (faster convolutions, see
+            :func:`transferstudy.models.channels_last`).
     """
 
     def __init__(self, size: int = 224, mode: str = "resize", policy: str = "none",
@@ -67,7 +73,7 @@ class Preprocessor:
 
     def __repr__(self) -> str:
         return (f"Preprocessor(size={self.size}, mode={self.mode!r}, policy={self.policy!r}, "
-                f"channels_last={self.channels_last})")
+                f"channels_last={self.channels_last}, version={VERSION})")
 
     def __call__(self, batch: torch.Tensor, train: bool) -> torch.Tensor:
         """Preprocess ``batch`` (uint8 ``[B, 1|3, H, W]``, any device); augment only if ``train``."""
@@ -77,18 +83,19 @@ class Preprocessor:
             x = torch.stack([self._jitter(img) for img in x])
         elif policy == "deit":
             x = torch.stack([self._autoaugment(img) for img in x])
-        # Normalise at native size: cheaper, and exact since resampling weights sum to 1.
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        x = (x.float() / 255 - mean) / std
-        if min(x.shape[-2:]) > self.size:  # downscale once with antialiasing before resampling
-            x = TF.resize(x, [self.size], antialias=True)
-        if policy in _RRC_SCALE:
-            x = _resample(x, _random_resized_crop_theta(x, _RRC_SCALE[policy]), self.size)
-        elif policy == "fer":
-            x = _resample(x, _random_affine_theta(x, self._crop_fraction(x)), self.size)
+        if policy in _RRC_SCALE or policy == "fer":
+            # Geometric augmentation resamples floats: normalise first, at native size (cheaper, and
+            # exact since resampling weights sum to 1), downscaling large inputs once with antialiasing.
+            x = self._normalise(x)
+            if min(x.shape[-2:]) > self.size:
+                x = TF.resize(x, [self.size], antialias=True)
+            crop = _RRC_SCALE.get(policy)
+            theta = _random_resized_crop_theta(x, crop) if crop else _random_affine_theta(x, self._crop_fraction(x))
+            x = _resample(x, theta, self.size)
         else:
-            x = self._eval_geometry(x)
+            # Resize in uint8, then normalise: pixel for pixel what the original study's per-image
+            # PIL Resize -> ToTensor -> Normalize gives (torchvision's uint8 kernel matches PIL's).
+            x = self._normalise(self._eval_geometry(x))
         if policy == "deit":
             flip = (torch.rand(len(x)) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -96,6 +103,11 @@ class Preprocessor:
                 x[i] = self._erase(x[i])
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x.float() / 255 - mean) / std
 
     def _eval_geometry(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "resize":

@@ -73,7 +73,7 @@ class Session:
     def preprocessor(self, train_policy: str | None = None) -> Preprocessor:
         policy = train_policy if train_policy is not None else self.cfg.get("augment", "none")
         return Preprocessor(size=self.cfg["image_size"], mode=self.cfg["eval_mode"], policy=policy,
-                            channels_last=self.device.type == "cuda" and self.cfg["model"] == "alexnet")
+                            channels_last=models.channels_last(self.cfg["model"]))
 
     def build_model(self) -> nn.Module:
         """The backbone with a fresh head; seeded, so random initialisation is the same in every regime."""
