@@ -75,6 +75,9 @@ def test_bench_runs_both_pipelines_and_writes_every_key(tmp_path, noise_cifar, c
     assert result["forward_flops_per_image"] == expected_flops
     assert result["forward_gflops"] == pytest.approx(expected_flops * result["forward_img_s"] / 1e9)
     assert result["forward_peak_fraction"] == pytest.approx(result["forward_gflops"] / result["matmul_peak_gflops"])
+    assert result["largest_layer"] == "features.3" and result["largest_layer_gflops"] > 0
+    assert result["largest_layer_peak_fraction"] == pytest.approx(
+        result["largest_layer_gflops"] / result["matmul_peak_gflops"])
     assert 0.0 < result["preprocess_share"] < 1.0 and result["train_step_augment"] == "cifar_full"
     assert result["peak_rss_mb"] >= result["peak_rss_self_mb"] > 0
     assert result["peak_rss_children_mb"] > 0  # the naive pipeline's DataLoader workers
@@ -86,6 +89,30 @@ def test_bench_runs_both_pipelines_and_writes_every_key(tmp_path, noise_cifar, c
     page = (tmp_path / "RESULTS.md").read_text()
     assert result["command"] in page and "| backbone passes per image | " in page
     assert parse(*shlex.split(result["command"])[2:]) == args  # the recorded command reproduces the run
+
+
+@pytest.mark.parametrize("model", models.MODELS)
+def test_largest_layer_is_the_one_with_the_most_flops(model):
+    # Counted, not assumed: every leaf module's FLOPs in one extraction forward at 224 px.
+    torch.manual_seed(0)
+    net = models.build_model(model, 10, pretrained=False).eval()
+    kind = "pooled" if model == "alexnet" else None
+    x = torch.randn(1, 3, 224, 224)
+    leaves = {name: m for name, m in net.named_modules() if name and not list(m.children())}
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(name: str):
+        def hook(module, args, output) -> None:
+            inputs[name] = args[0].clone()  # a copy: later in-place ops must not change it
+        return hook
+
+    handles = [m.register_forward_hook(keep_input(name)) for name, m in leaves.items()]
+    with torch.no_grad():
+        models.embed(net, model, x, kind)
+    for handle in handles:
+        handle.remove()
+    flops = {name: bench._flops(lambda: leaves[name](x_in)) for name, x_in in inputs.items()}
+    assert flops[bench.LARGEST_LAYER[model]] == max(flops.values()) > 0
 
 
 def test_naive_probe_trains_the_head_as_the_cached_probe_does():
