@@ -42,7 +42,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its bar calls iter() eagerly, starting a second DataLoader iterator
 
 from . import classical, config, data, features, models, regimes, session, training
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessor
@@ -453,11 +453,11 @@ def _naive_logits(setup: _Setup, loader: DataLoader) -> tuple[torch.Tensor, torc
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
-                       reps: int = 10) -> float:
+                       reps: int = 20) -> float:
     """GFLOP/s of the fastest of ``reps`` large square ``torch.matmul`` calls (2 n^3 FLOPs each).
 
-    The fastest, not the mean: on a shared machine a few calls are slowed by neighbours, and fewer
-    than ~10 tries underestimate the peak (3 tries read 145-270 GFLOP/s where 10 read 240-310).
+    The fastest, not the mean: on a shared machine many calls are slowed by neighbours, and few
+    tries underestimate the peak (3 tries read 145-270 GFLOP/s on the dev machine, 20 read 240-310).
     """
     size = size or (8192 if device.type == "cuda" else 2048)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
