@@ -82,6 +82,30 @@ def test_same_seed_same_run():
     assert first.to_frame().drop(columns=drop).equals(second.to_frame().drop(columns=drop))
 
 
+@pytest.mark.parametrize("micro", [1, 5, 16])
+def test_micro_batches_take_the_same_steps_as_whole_batches(micro):
+    # Batches of 16 as micro-batches of 5 (5 + 5 + 5 + 1) or 1: gradients accumulated to the same
+    # optimiser step, so the same weights and curves (no dropout here: its masks would be drawn differently).
+    runs = []
+    for micro_batch_size in (None, micro):
+        model = _model()
+        model.head[0].p = 0.0
+        history = _fit(model, _split(40, 1), _split(16, 2), epochs=3, seed=3, label_smoothing=0.1,
+                       micro_batch_size=micro_batch_size)
+        runs.append((model.state_dict(), history.to_frame().drop(columns=["seconds"])))
+    (whole, whole_curve), (split, split_curve) = runs
+    assert not torch.equal(whole["head.1.weight"], _model().state_dict()["head.1.weight"])  # it trained
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(split_curve.to_numpy(), whole_curve.to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batch_size_must_be_positive():
+    good = _split(16, 1)
+    with pytest.raises(ValueError, match="micro_batch_size must be None"):
+        _fit(_model(), good, good, micro_batch_size=0)
+
+
 @pytest.mark.parametrize("monitor", ["val_loss", "val_acc"])
 def test_best_epoch_is_restored_and_checkpointed(tmp_path, monitor):
     # Val labels are inverted, so the better the model fits train, the worse val gets:

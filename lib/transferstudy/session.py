@@ -149,7 +149,8 @@ class Session:
                                epochs=cfg["epochs"], batch_size=cfg["batch_size"], device=self.device,
                                label_smoothing=cfg["label_smoothing"], patience=cfg["patience"],
                                monitor=cfg["monitor"], seed=cfg["seed"],
-                               soft_targets=cfg["label_rule"] == "votes", log=self.log, on_epoch=reporter)
+                               soft_targets=cfg["label_rule"] == "votes", micro_batch_size=cfg["micro_batch_size"],
+                               log=self.log, on_epoch=reporter)
         self.recorder.save_curves(history.to_frame().reset_index())
         self.recorder.meta.update(best_epoch=history.best_epoch, epochs_run=len(history.epochs),
                                   stopped_early=history.stopped_early)
