@@ -79,6 +79,9 @@ def test_bench_runs_both_pipelines_and_writes_every_key(tmp_path, noise_cifar, c
     assert result["largest_layer_peak_fraction"] == pytest.approx(
         result["largest_layer_gflops"] / result["matmul_peak_gflops"])
     assert 0.0 < result["preprocess_share"] < 1.0 and result["train_step_augment"] == "cifar_full"
+    assert result["preprocess_share"] == pytest.approx(
+        result["preprocess_ms"] / (result["preprocess_ms"] + result["train_step_ms"]))
+    assert 1 <= result["train_step_reps"] <= 10
     assert result["peak_rss_mb"] >= result["peak_rss_self_mb"] > 0
     assert result["peak_rss_children_mb"] > 0  # the naive pipeline's DataLoader workers
     assert len(result["targets"]) == 6 and all(isinstance(t["met"], bool) for t in result["targets"])
