@@ -31,7 +31,7 @@ def _split() -> SimpleNamespace:
 
 def _net(name: str) -> tuple[nn.Module, dict[str, list[nn.Parameter]]]:
     torch.manual_seed(0)
-    if name == "tiny":
+    if name.startswith("tiny"):
         net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, CLASSES))
         return net, {"all": list(net.parameters())}
     net = models.build_model("alexnet", CLASSES, pretrained=False)
@@ -56,12 +56,13 @@ def _one_step(name: str) -> dict:
 
     opt = training.make_optimizer(groups, name="sgd", lr=0.05, momentum=0.9)
     split = _split()
+    # tiny_micro: each rank's 4 samples as micro-batches of 3 + 1, gradients synced on the last one only.
     training.fit(net, split, split, preprocess=preprocess, optimizer=opt, epochs=1, batch_size=N, device="cpu",
-                 monitor="val_acc", log=lambda _: None)
+                 monitor="val_acc", micro_batch_size=3 if name == "tiny_micro" else None, log=lambda _: None)
     return {"state": {k: v.clone() for k, v in net.state_dict().items()}, "seen": seen}
 
 
-NAMES = ("tiny", "alexnet_partial")
+NAMES = ("tiny", "tiny_micro", "alexnet_partial")
 
 
 def _rank(rank: int, init_file: str, out_dir: str) -> None:
@@ -96,6 +97,9 @@ def test_two_gloo_processes_take_the_single_process_step(name, ranks):
     for key, value in single["state"].items():
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-6)
         assert torch.equal(ranks[1]["state"][key], ranks[0]["state"][key])  # the replicas stay identical
+    if name == "tiny_micro":  # and accumulating micro-batches took the whole-batch step
+        for key, value in _one_step("tiny")["state"].items():
+            torch.testing.assert_close(single["state"][key], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [7, 8])
