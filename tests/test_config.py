@@ -1,4 +1,6 @@
-"""Settings resolution: the study's values, then the profile's, then the user's."""
+"""Settings resolution: the original study's values, then the profile's, then the user's."""
+
+import copy
 
 import pytest
 
@@ -17,12 +19,13 @@ from transferstudy import config
     ("partial", "alexnet", "cifar10", "lr_head", 1e-3),
     ("partial", "deit_base", "cifar10", "lr_backbone", 5e-5),
     ("full", "alexnet", "cifar10", "optimizer", "sgd"),
+    ("full", "alexnet", "cifar10", "momentum", 0.9),
     ("full", "alexnet", "cifar10", "epochs", 40),
     ("full", "alexnet", "ferplus", "label_smoothing", 0.05),
     ("full", "deit_base", "ferplus", "label_smoothing", 0.1),
     ("classical", "alexnet", "cifar10", "embedding", "penultimate"),
 ])
-def test_full_profile_holds_the_study_settings(regime, model, dataset, key, value):
+def test_full_profile_holds_the_original_study_settings(regime, model, dataset, key, value):
     assert config.resolve(regime, model, dataset, "full")[key] == value
 
 
@@ -71,3 +74,32 @@ def test_command_line_values_parse_as_yaml(text, value):
 def test_every_profile_has_a_description():
     assert set(config.profiles()) == {"smoke", "quick", "full"}
     assert all(config.profiles().values())
+
+
+@pytest.mark.parametrize("regime", config.NOTEBOOK_REGIMES)
+def test_a_regime_has_the_same_settings_for_every_model_and_dataset(regime):
+    every = config.settings(regime)
+    for model in config.MODELS:
+        for dataset in config.DATASETS:
+            assert set(config.resolve(regime, model, dataset, "quick")) - set(config.IDENTITY) == every
+    assert every <= config.all_keys()
+
+
+def test_every_regime_with_an_optimizer_takes_momentum():
+    # the full fine-tune of DeiT runs AdamW, yet `-p optimizer sgd -p momentum 0.8` must apply to it too
+    for regime in ("linear_probe", "partial", "full"):
+        assert config.resolve(regime, "deit_base", "ferplus", "full", {"momentum": 0.8})["momentum"] == 0.8
+
+
+def test_a_setting_given_for_some_runs_of_a_regime_only_is_a_config_error(monkeypatch):
+    data = copy.deepcopy(config._load())
+    data["regimes"]["full"]["alexnet/cifar10"]["nesterov"] = True
+    monkeypatch.setattr(config, "_load", lambda: data)
+    with pytest.raises(config.ConfigError, match=r"the full regime has no 'nesterov' for alexnet/ferplus.*"
+                                                 r"regimes\.full\.all"):
+        config.settings("full")
+
+
+def test_the_validation_split_is_fixed_not_a_setting():
+    # data.load_dataset always holds out a stratified 20% of train: a val_fraction setting would be ignored
+    assert "val_fraction" not in config.all_keys()

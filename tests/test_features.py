@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from transferstudy import features, models, regimes, results
-from transferstudy import session as study
+from transferstudy import session
 from transferstudy.data import Split
 from transferstudy.preprocess import Preprocessor
 from transferstudy.training import fit, make_optimizer
@@ -66,12 +66,12 @@ def random_split(n: int, seed: int, classes: int = 3) -> Split:
     return Split(images, labels, None, [f"img{seed}_{i}.png" for i in range(n)])
 
 
-def session(tmp_path: Path, cifar_dir: Path, regime: str = "frozen_svm", **overrides) -> study.Session:
+def smoke_session(tmp_path: Path, cifar_dir: Path, regime: str = "frozen_svm", **overrides) -> session.Session:
     """A smoke-profile run of AlexNet (random init) on 6 train / 4 val / 4 test synthetic CIFAR images."""
     settings = {"pretrained": False, "n_train": 6, "n_val": 4, "n_test": 4, "eval_batch_size": 4, **overrides}
-    return study.start(regime, model="alexnet", dataset="cifar10", data_dir=cifar_dir, profile="smoke",
-                       output_dir=tmp_path / "run", cache_dir=tmp_path / "cache", overrides=settings,
-                       log=lambda line: None)
+    return session.start(regime, model="alexnet", dataset="cifar10", data_dir=cifar_dir, profile="smoke",
+                         output_dir=tmp_path / "run", cache_dir=tmp_path / "cache", overrides=settings,
+                         log=lambda line: None)
 
 
 def stored(cache: Path) -> list[Path]:
@@ -91,7 +91,7 @@ def test_cache_key_ignores_argument_order_and_changes_with_every_part():
 
 
 def test_embeddings_are_computed_once_per_weights_split_and_preprocessing(tmp_path, cifar_dir):
-    run = session(tmp_path, cifar_dir, eval_mode="resize")
+    run = smoke_session(tmp_path, cifar_dir, eval_mode="resize")
     net = run.build_model()
     counter = ImageCounter(net.features[0])
     weights = run.weights_id()
@@ -122,7 +122,7 @@ def test_embeddings_are_computed_once_per_weights_split_and_preprocessing(tmp_pa
 
 
 def test_other_weights_are_recomputed_and_the_same_weights_reused(tmp_path, cifar_dir):
-    run = session(tmp_path, cifar_dir)
+    run = smoke_session(tmp_path, cifar_dir)
     net = run.build_model()
     counter = ImageCounter(net.features[0])
     run.cfg.update(pretrained=True, weights_path=str(tmp_path / "a.pth"))  # weights_id() hashes this file
@@ -143,7 +143,7 @@ def test_other_weights_are_recomputed_and_the_same_weights_reused(tmp_path, cifa
 
 
 def test_without_weights_id_nothing_is_cached(tmp_path, cifar_dir):
-    run = session(tmp_path, cifar_dir)
+    run = smoke_session(tmp_path, cifar_dir)
     net = run.build_model()
     counter = ImageCounter(net.features[0])
     for _ in range(2):
@@ -153,7 +153,7 @@ def test_without_weights_id_nothing_is_cached(tmp_path, cifar_dir):
 
 
 def test_alexnet_penultimate_comes_from_the_cached_pooled_pass(tmp_path, cifar_dir):
-    run = session(tmp_path, cifar_dir)
+    run = smoke_session(tmp_path, cifar_dir)
     net = run.build_model()
     counter = ImageCounter(net.features[0])
     pooled = run.embeddings(net, "pooled", run.weights_id(), splits=("val",))["val"]
@@ -270,7 +270,7 @@ def test_partial_from_cached_prefix_equals_partial_through_the_whole_network(mod
 
 
 def test_session_prefix_features_are_cached_in_float16_and_train_the_network(tmp_path, cifar_dir):
-    run = session(tmp_path, cifar_dir, regime="partial", augment="none")
+    run = smoke_session(tmp_path, cifar_dir, regime="partial", augment="none")
     net = regimes.apply_regime(run.build_model(), "alexnet", "partial")
     counter = ImageCounter(net.features[0])
     acts, rest = run.prefix_features(net)
@@ -289,7 +289,7 @@ def test_session_prefix_features_are_cached_in_float16_and_train_the_network(tmp
 
 
 def test_session_prefix_features_refuse_augmentation(tmp_path, cifar_dir):
-    run = session(tmp_path, cifar_dir, regime="partial", augment="light")
+    run = smoke_session(tmp_path, cifar_dir, regime="partial", augment="light")
     with pytest.raises(ValueError, match="augment 'none'.*run.fit"):
         run.prefix_features(run.build_model())
 

@@ -1,11 +1,14 @@
-"""Resolve one run's settings: the study's values, the profile's overrides, then the user's.
+"""Resolve one run's settings: the original study's values, the profile's overrides, then the user's.
 
 Everything lives in ``profiles.yaml`` beside this module; see its header for the lookup order.
+The names a regime notebook's ``parameters`` cell defines are the run's names (``run_names``) and
+the regime's settings (``settings``), less ``NOT_IN_NOTEBOOK``; ``from_namespace`` collects them.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,29 @@ MODELS = ("alexnet", "deit_base")
 DATASETS = ("cifar10", "ferplus")
 NOTEBOOK_REGIMES = ("frozen_svm", "linear_probe", "partial", "full", "classical")
 WILDCARDS = ("all", "common")
+IDENTITY = ("regime", "model", "dataset", "profile")  # what resolve adds to every run's settings
+# Which run and where, in every regime notebook; not settings.
+RUN_NAMES = ("model", "dataset", "profile", "data_dir", "output_dir", "cache_dir")
+SOURCE_NAMES = {"classical": ("source_dir",)}  # the run folder of the fine-tune whose model it reads
+
+# Settings a regime has (every regime has the `common` ones) but never reads, so its notebook's
+# parameters cell leaves them out; an override of one is accepted (a `-p` for the whole matrix)
+# and the run says it has no effect.
+NOT_IN_NOTEBOOK: dict[str, dict[str, str]] = {
+    "frozen_svm": {
+        "batch_size": "the frozen SVM trains no network; its one pass through the backbone uses eval_batch_size",
+        "micro_batch_size": "the frozen SVM trains no network",
+    },
+    "linear_probe": {
+        "n_embed_plot": "the linear probe keeps no embeddings for the book's figures (the SVM and the fine-tunes do)",
+    },
+    "classical": {
+        "batch_size": "the classical regime trains no network; its pass through the fine-tune uses eval_batch_size",
+        "micro_batch_size": "the classical regime trains no network",
+        "n_embed_plot": "the classical regime keeps no embeddings for the book's figures (its fine-tune's run does)",
+        "weights_path": "the classical regime loads its fine-tune's checkpoint (source_dir), not ImageNet weights",
+    },
+}
 
 
 class ConfigError(ValueError):
@@ -65,7 +91,7 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
     data = _load()
     _check(profile, tuple(data["profiles"]), "profile")
     cfg: dict[str, Any] = copy.deepcopy(data["common"])
-    for layer in _matching(data["study"][regime], regime, model, dataset):
+    for layer in _matching(data["regimes"][regime], regime, model, dataset):
         cfg.update(copy.deepcopy(layer))
     for layer in _matching(data["profiles"][profile], regime, model, dataset):
         cfg.update({k: copy.deepcopy(v) for k, v in layer.items() if k in cfg})
@@ -84,9 +110,60 @@ def all_keys() -> set[str]:
     """Every setting any regime has (used to reject typos in command-line overrides)."""
     keys = set(_load()["common"])
     for regime in NOTEBOOK_REGIMES:
-        for values in _load()["study"][regime].values():
+        for values in _load()["regimes"][regime].values():
             keys.update(values)
     return keys | {"regime", "model", "dataset", "profile", "data_dir", "output_dir"}
+
+
+def run_names(regime: str) -> tuple[str, ...]:
+    """The names of ``regime``'s notebook that say which run and where (not settings)."""
+    _check(regime, NOTEBOOK_REGIMES, "regime")
+    return RUN_NAMES + SOURCE_NAMES.get(regime, ())
+
+
+def settings(regime: str) -> set[str]:
+    """Every setting of ``regime``: the names ``resolve`` takes as overrides, the same for every model and dataset."""
+    _check(regime, NOTEBOOK_REGIMES, "regime")
+    per_run = {(model, dataset): set(resolve(regime, model, dataset)) - set(IDENTITY)
+               for model in MODELS for dataset in DATASETS}
+    every = set().union(*per_run.values())
+    for (model, dataset), keys in per_run.items():
+        if keys != every:
+            missing = sorted(every - keys)
+            raise ConfigError(f"profiles.yaml: the {regime} regime has no {missing[0]!r} for {model}/{dataset}, "
+                              f"while other runs of it do; give it a value in regimes.{regime}.all")
+    return every
+
+
+def notebook_names(regime: str) -> set[str]:
+    """What the ``parameters`` cell of ``regime``'s notebook defines: its run names and the settings it reads."""
+    return set(run_names(regime)) | (settings(regime) - set(NOT_IN_NOTEBOOK.get(regime, {})))
+
+
+def from_namespace(regime: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of ``session.start`` from a notebook's namespace (its ``globals()``).
+
+    Takes the run names (``run_names``) and, as ``overrides``, every setting of ``regime`` found there,
+    so a parameter written once in the ``parameters`` cell (or injected by papermill) reaches the
+    settings. A name config knows that is not one of this regime's (another regime's setting, say)
+    is an error rather than ignored.
+    """
+    names = run_names(regime)
+    own = settings(regime)
+    known = all_keys() | set(RUN_NAMES) | {name for extra in SOURCE_NAMES.values() for name in extra}
+    foreign = sorted(name for name in namespace if name in known and name not in names and name not in own)
+    if foreign:
+        name = foreign[0]
+        raise ConfigError(f"notebook parameter {name}={namespace[name]!r} is not a parameter of the {regime} "
+                          f"regime, so it would have no effect; remove it (from the parameters cell or -p). "
+                          f"The {regime} regime's parameters are: {', '.join(sorted(set(names) | own))}")
+    for name in ("model", "dataset"):
+        if namespace.get(name) is None:
+            raise ConfigError(f"the notebook defines no {name}; its parameters cell must set {name} = one of "
+                              f"{', '.join(MODELS if name == 'model' else DATASETS)}")
+    args = {name: namespace.get(name) for name in names}
+    args["overrides"] = {name: namespace[name] for name in sorted(own) if name in namespace}
+    return args
 
 
 def parse_value(text: str) -> Any:

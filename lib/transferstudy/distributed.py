@@ -24,9 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import bundle, config, features, models, regimes, runner
+from . import bundle, config, features, models, regimes, runner, session
 from .results import swap_into_place
-from . import session as study
 
 REGIMES = ("partial", "full")
 
@@ -42,10 +41,10 @@ def fine_tune(regime: str, model: str, dataset: str, profile: str, data_root: st
     with tempfile.TemporaryDirectory() as scratch:  # ranks > 0 record nothing
         if rank == 0:
             shutil.rmtree(stage, ignore_errors=True)
-        run = study.start(regime, model=model, dataset=dataset, data_dir=Path(data_root) / dataset, profile=profile,
-                          output_dir=stage if rank == 0 else scratch,
-                          cache_dir=cache_dir or Path(runs_root) / ".cache", overrides=overrides,
-                          log=print if rank == 0 else lambda _: None)
+        run = session.start(regime, model=model, dataset=dataset, data_dir=Path(data_root) / dataset,
+                            profile=profile, output_dir=stage if rank == 0 else scratch,
+                            cache_dir=cache_dir or Path(runs_root) / ".cache", overrides=overrides,
+                            log=print if rank == 0 else lambda _: None)
         net = run.build_model()
         regimes.apply_regime(net, model, regime)
         trainable, total = regimes.count_params(net)

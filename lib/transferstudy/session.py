@@ -1,7 +1,8 @@
-"""One notebook run: settings, data, device, model, training, evaluation and recording.
+"""One run: settings, data, device, model, training, evaluation and recording.
 
 The notebooks tell each regime's story; this module holds the steps they share, so that the
-five notebooks run every regime through the same code.
+five notebooks run every regime through the same code. A notebook opens its run with
+``run = session.start("<regime>", globals())``: its ``parameters`` cell is all it lists.
 """
 
 from __future__ import annotations
@@ -159,18 +160,30 @@ class Session:
         return history
 
     def evaluate(self, predict_val: tuple[np.ndarray, np.ndarray], predict_test: tuple[np.ndarray, np.ndarray],
-                 classifier: str | None = None) -> dict[str, Any]:
-        """Metrics on val and test from ``(probabilities or None, predictions)`` pairs; saves them."""
-        metrics = {"classifier": classifier}
-        for name, (_, pred) in (("val", predict_val), ("test", predict_test)):
-            metrics[name] = evaluation.classification_metrics(getattr(self.data, name).labels.numpy(), pred,
-                                                              self.classes)
-        self.recorder.save_metrics(metrics)
+                 classifier: str = "head") -> dict[str, Any]:
+        """Metrics on val and test from ``(probabilities or None, predictions)`` pairs; saves them.
+
+        ``classifier`` names what predicted: the network's own ``head``, or a classifier on its features.
+        """
+        metrics = {name: evaluation.classification_metrics(getattr(self.data, name).labels.numpy(), pred, self.classes)
+                   for name, (_, pred) in (("val", predict_val), ("test", predict_test))}
         probs, pred = predict_test
-        self.recorder.save_predictions(self.data.test.labels.numpy(), pred, probs, self.data.test.files)
+        self.record_scores({classifier: metrics}, classifier, pred, probs)
         self.log(f"val accuracy {metrics['val']['accuracy']:.4f} · test accuracy {metrics['test']['accuracy']:.4f}"
                  f" · test macro F1 {metrics['test']['macro_f1']:.4f}")
         return metrics
+
+    def record_scores(self, scores: dict[str, dict[str, Any]], best: str, test_pred: np.ndarray,
+                      test_probs: np.ndarray | None = None) -> None:
+        """Save every classifier's val/test metrics and the ``best`` one's test predictions.
+
+        One schema for every regime (``{"classifiers": {name: {"val", "test"}}, "best": name}``), so the
+        results store reads a frozen SVM, a fine-tuned head and the classical regime's seven classifiers alike.
+        """
+        if best not in scores:
+            raise ValueError(f"best={best!r} is not one of the scored classifiers: {', '.join(scores)}")
+        self.recorder.save_metrics({"classifiers": scores, "best": best})
+        self.recorder.save_predictions(self.data.test.labels.numpy(), test_pred, test_probs, self.data.test.files)
 
     def predict(self, net: nn.Module, split: str) -> tuple[np.ndarray, np.ndarray]:
         return training.predict(net, getattr(self.data, split), preprocess=self.preprocessor("none"),
@@ -188,11 +201,38 @@ class Session:
                                     **prov, **meta)
 
 
-def start(regime: str, *, model: str, dataset: str, data_dir: str | Path | None = None, profile: str = "full",
+def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | None = None,
+          dataset: str | None = None, data_dir: str | Path | None = None, profile: str | None = None,
           output_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-          overrides: dict[str, Any] | None = None, log: Any = print) -> Session:
-    """Resolve the settings, load the data (with its fixed split), and open the run's folder."""
+          source_dir: str | Path | None = None, overrides: dict[str, Any] | None = None,
+          log: Any = print) -> Session:
+    """Resolve the settings, load the data (with its fixed split), and open the run's folder.
+
+    A notebook passes its namespace, ``session.start("linear_probe", globals())``: the run's names
+    (model, dataset, profile, data_dir, output_dir, cache_dir; source_dir for classical) and every
+    setting of the regime are taken from it (:func:`config.from_namespace`), so a parameter is written
+    once, in the ``parameters`` cell. Other callers give the same as keywords, the settings as
+    ``overrides``. A setting left at None keeps the profile's value; ``profile`` None means ``full``.
+    """
+    if namespace is not None:
+        given = [name for name, value in (("model", model), ("dataset", dataset), ("data_dir", data_dir),
+                                          ("profile", profile), ("output_dir", output_dir), ("cache_dir", cache_dir),
+                                          ("source_dir", source_dir), ("overrides", overrides)) if value is not None]
+        if given:
+            raise TypeError(f"start({regime!r}, namespace, {given[0]}=...): give the run either as a namespace "
+                            f"(a notebook's globals()) or as keywords, not both")
+        return start(regime, **config.from_namespace(regime, namespace), log=log)
+    for name, value in (("model", model), ("dataset", dataset)):
+        if value is None:
+            raise TypeError(f"start({regime!r}) needs {name}=... (or a notebook's namespace)")
+    if source_dir is not None and "source_dir" not in config.run_names(regime):
+        raise TypeError(f"start({regime!r}, source_dir={str(source_dir)!r}): only the classical regime reads "
+                        f"another run's model; drop source_dir")
+    profile, overrides = profile or "full", dict(overrides or {})
     cfg = config.resolve(regime, model, dataset, profile, overrides)
+    for name, reason in config.NOT_IN_NOTEBOOK.get(regime, {}).items():
+        if overrides.get(name) is not None:
+            log(f"note: {name}={overrides[name]!r} has no effect on the {regime} regime: {reason}")
     data_dir = Path(data_dir) if data_dir else default_data_dir(dataset)
     output_dir = Path(output_dir) if output_dir else Path("runs") / "manual" / profile / dataset / model / regime
     cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "transferstudy"
@@ -201,9 +241,11 @@ def start(regime: str, *, model: str, dataset: str, data_dir: str | Path | None 
     ds = data.load_dataset(dataset, data_dir, label_rule=cfg["label_rule"] if dataset == "ferplus" else None,
                            val_source=cfg["val_source"], n_train=cfg["n_train"], n_val=cfg["n_val"],
                            n_test=cfg["n_test"], seed=cfg["seed"])
-    recorder = results.RunRecorder(output_dir, {**cfg, "data_dir": str(data_dir)})
+    paths = {"data_dir": str(data_dir)}
+    if "source_dir" in config.run_names(regime):
+        paths["source_dir"] = str(source_dir) if source_dir else None
+    recorder = results.RunRecorder(output_dir, {**cfg, **paths})
     recorder.save_split(ds.split_hash, ds.split_indices, ds.info)
     session = Session(regime, cfg, ds, device, recorder, cache_dir, log)
     log(f"{regime} · {model} · {dataset}: {session.provenance_line().replace('*', '').replace('`', '')}")
     return session
-
