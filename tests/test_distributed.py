@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from synthetic import write_cifar_imagefolder
 from torch import nn
 
-from transferstudy import models, regimes, results, training
+from transferstudy import models, regimes, report, results, training
 from transferstudy.preprocess import Preprocessor
 
 N, CLASSES, WORLD = 8, 10, 2
@@ -140,7 +140,7 @@ def test_torchrun_partial_fine_tune_writes_one_run_on_rank_zero(tmp_path):
     assert meta["status"] == "ok" and meta["world_size"] == WORLD and meta["backend"] == "gloo"
     assert (run / "bundle" / "checkpoint.pt").is_file() and not run.with_name("partial.running").exists()
     assert len((run / "curves.csv").read_text().splitlines()) == 2  # header + the smoke profile's one epoch
-    table = results.collect(runs / "smoke")
+    table = report.collect(runs / "smoke")
     assert table[["regime", "status"]].values.tolist() == [["partial", "ok"]]
     assert proc.stdout.count("run folder:") == 1  # rank 0 alone reports and records
 

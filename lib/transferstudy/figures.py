@@ -20,23 +20,20 @@ plt.rcParams.update({"figure.facecolor": "white", "axes.facecolor": "white", "sa
 def confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], title: str,
                      normalize: bool = True, ax=None):
     """Rows are true classes; with ``normalize`` each row shows recall (fractions of that class)."""
+    import seaborn as sns
+
     cm = np.asarray(cm, dtype=float)
     shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(0.55 * len(classes) + 2.5,) * 2)
-    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    sns.heatmap(pd.DataFrame(shown, index=list(classes), columns=list(classes)), ax=ax, cmap="Blues", vmin=0,
+                vmax=1 if normalize else None, annot=True, fmt=".2f" if normalize else ".0f",
+                annot_kws={"fontsize": 7}, square=True, linewidths=0.5, linecolor="white",
+                cbar_kws={"label": "fraction of true class" if normalize else "count", "shrink": 0.8})
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes, rotation=0)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            if cm[i].sum() == 0:
-                continue
-            text = f"{shown[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                    color="white" if shown[i, j] > 0.6 * (shown.max() or 1) else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
     fig.tight_layout()
     return fig
 
@@ -150,13 +147,18 @@ def accuracy_vs_params(points: pd.DataFrame, datasets: dict[str, str], models: d
                        regimes: dict[str, str], title: str, ladder: Sequence[str] = ()):
     """Test accuracy against trainable parameters (log x): one panel per dataset, one marker per model x regime.
 
-    ``points`` has columns dataset, model, regime, trainable, test_accuracy; the dicts map names to labels.
-    A line joins each model's ``ladder`` regimes in that order.
+    ``points`` has columns dataset, model, regime, trainable, test_accuracy (and optionally ci_low, ci_high: the
+    95% interval, drawn as error bars); the dicts map names to labels. A line joins each model's ``ladder``
+    regimes in that order.
     """
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4.6), squeeze=False, sharey=True)
     for ax, (dataset, label) in zip(axes[0], datasets.items()):
         shown = points[points["dataset"] == dataset]
         for row in shown.itertuples():
+            if "ci_low" in shown:  # the 95% interval of the test accuracy
+                ax.errorbar(row.trainable, row.test_accuracy, yerr=[[row.test_accuracy - row.ci_low],
+                                                                    [row.ci_high - row.test_accuracy]],
+                            color=MODEL_COLOURS.get(row.model), capsize=3, linewidth=1, zorder=2.5)
             ax.scatter(row.trainable, row.test_accuracy, s=70, marker=REGIME_MARKERS.get(row.regime, "o"),
                        color=MODEL_COLOURS.get(row.model), edgecolor="black", linewidth=0.5, zorder=3)
         for model in models:
@@ -164,7 +166,7 @@ def accuracy_vs_params(points: pd.DataFrame, datasets: dict[str, str], models: d
             ax.plot(line["trainable"], line["test_accuracy"], color=MODEL_COLOURS.get(model), alpha=0.35, zorder=2)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale)")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("test accuracy (95% interval)" if "ci_low" in shown else "test accuracy")
         ax.set_title(label if len(shown) else f"{label}: no finished runs")
         ax.grid(True, which="major", alpha=0.3)
     handles = [plt.Line2D([], [], color=MODEL_COLOURS.get(m), marker="o", linestyle="", label=lab)
@@ -200,19 +202,53 @@ def embedding_scatter(panels: dict[str, tuple[np.ndarray, np.ndarray]], classes:
 
 
 def per_class_f1_compare(f1: pd.DataFrame, title: str):
-    """Grouped horizontal bars of per-class test F1: rows of ``f1`` are classes, columns the runs compared."""
-    frame = f1.loc[f1.mean(axis=1).sort_values().index]
-    y = np.arange(len(frame))
-    height = 0.8 / len(frame.columns)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(frame) * max(1, len(frame.columns) / 2) + 1.4))
-    for k, column in enumerate(frame.columns):
-        ax.barh(y + (k - (len(frame.columns) - 1) / 2) * height, frame[column], height, label=column)
-    ax.set_yticks(y, frame.index)
+    """Grouped horizontal bars of per-class test F1, weakest class at the bottom.
+
+    ``f1`` is tidy: one row per run and class, columns ``class``, ``f1`` and ``run`` (the run's label).
+    """
+    import seaborn as sns
+
+    order = f1.groupby("class", sort=False)["f1"].mean().sort_values(ascending=False).index.tolist()
+    runs = f1["run"].nunique()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(order) * max(1, runs / 2) + 1.4))
+    sns.barplot(f1, y="class", x="f1", hue="run", order=order, orient="h", ax=ax, errorbar=None)
     ax.set_xlim(0, 1.0)
     ax.set_xlabel("F1 score (test)")
     ax.set_ylabel("class (weakest at the bottom)")
     ax.set_title(title)
-    ax.legend(frameon=False, loc="lower right", fontsize=8)
+    ax.legend(frameon=False, loc="lower right", fontsize=8, title=None)
+    fig.tight_layout()
+    return fig
+
+
+def no_data(message: str):
+    """A small figure that says why there is nothing to draw (so a page's figure slot is never empty)."""
+    fig, ax = plt.subplots(figsize=(6, 1.2))
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11)
+    ax.set_axis_off()
+    return fig
+
+
+def difference_intervals(frame: pd.DataFrame, label: str, title: str, xlabel: str):
+    """Paired differences with their 95% intervals, one row each, and the line of no difference.
+
+    ``frame`` has columns ``label`` (the row's name), difference, diff_low, diff_high and p; a row whose
+    interval excludes 0 (p < 0.05) is drawn filled, the others hollow.
+    """
+    frame = frame.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 0.42 * len(frame) + 1.5))
+    y = np.arange(len(frame))[::-1]
+    for yi, row in zip(y, frame.itertuples()):
+        significant = row.p < 0.05
+        ax.errorbar(100 * row.difference, yi, xerr=[[100 * (row.difference - row.diff_low)],
+                                                    [100 * (row.diff_high - row.difference)]],
+                    fmt="o", color="#4878a8", mfc="#4878a8" if significant else "white", capsize=3)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(y, frame[label])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("comparison")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
 

@@ -47,7 +47,8 @@ with warnings.catch_warnings():  # optuna imports tqdm.auto, which warns in a ke
 
 from . import config, runner
 from .trials import PRUNERS, TRIAL_ENV, SearchError, make_pruner, open_storage
-from .results import atomic_write_bytes, read_json, write_json, write_table
+from .report.store import read_run, write_table
+from .results import atomic_write_bytes, read_json, write_json
 
 SPACE_FILE = Path(__file__).with_name("searchspaces.yaml")
 REPORT_NOTEBOOK = runner.NOTEBOOK_DIR / "06_search.ipynb"
@@ -156,7 +157,13 @@ def search(*, model: str, dataset: str, regime: str, profile: str, n_trials: int
     if n_trials < 1:
         raise SearchError(f"--trials must be >= 1, got {n_trials}")
     fixed = dict(fixed or {})
-    space = check_space(load_space(regime, model, dataset, space_file), regime, model, dataset, profile, fixed)
+    grids = load_space(regime, model, dataset, space_file)
+    run_key = (regime, model, dataset)
+    config.check_overrides(fixed, [run_key], profile)  # the check `transferstudy run` makes, before anything starts
+    space = check_space(grids, regime, model, dataset, profile, fixed)
+    for name, choices in space.items():  # and every choice of the grids: a trial is a run like any other
+        for choice in choices:
+            config.check_overrides(choice if isinstance(choice, dict) else {name: choice}, [run_key], profile)
     if not space:
         raise SearchError(f"nothing to search for {dataset}/{model}/{regime}: every setting of its grid is pinned")
     make_pruner(pruner)
@@ -200,11 +207,11 @@ def search(*, model: str, dataset: str, regime: str, profile: str, n_trials: int
         if outcome.status != "ok":
             trial.set_user_attr("error", outcome.error)
             raise TrialFailed(f"trial {trial.number}: {outcome.error}")
-        metrics = read_json(outcome.run_dir / "metrics.json")
-        meta = read_json(outcome.run_dir / "meta.json")
-        trial.set_user_attr("test_accuracy", metrics["test"]["accuracy"])
+        run = read_run(outcome.run_dir)
+        meta = run.meta
+        trial.set_user_attr("test_accuracy", run.test["accuracy"])
         trial.set_user_attr("epochs_run", meta.get("epochs_run"))
-        value = metrics["val"]["accuracy"]
+        value = run.val["accuracy"]
         trial.set_user_attr(OBJECTIVE, value)
         if meta.get("pruned_epoch") is not None:
             trial.set_user_attr("pruned_epoch", meta["pruned_epoch"])
