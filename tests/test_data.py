@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,18 @@ from synthetic import (
     write_ferplus_microsoft,
 )
 
-from transferstudy.data import CLASSES, DATASETS, LABEL_RULES, DataError, DatasetSplits, load_dataset, summarize
+from transferstudy import cli
+from transferstudy.data import (
+    CLASSES,
+    DATASETS,
+    LABEL_RULES,
+    DataError,
+    DatasetSplits,
+    check_images,
+    load_dataset,
+    read_image,
+    summarize,
+)
 
 FER = CLASSES["ferplus"]
 LAYOUTS = ("cifar_imagefolder", "fer_microsoft", "fer_kaggle")
@@ -473,3 +485,401 @@ def test_real_small_decoded_subset(real_data_root: Path, name: str, size: int):
         assert torch.equal(ds.train.images[:, 0], ds.train.images[:, 2])
     full = load_dataset(name, real_data_root / name, decode=False)
     assert np.isin(ds.split_indices["val"], full.split_indices["val"]).all()
+
+
+# --- image modes: every mode Pillow opens decodes to the intended 8-bit pixels, or is refused --------------------
+
+_RNG = np.random.default_rng(3)
+_RGB = _RNG.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+_RGB[0, 0], _RGB[0, 1] = (0, 0, 0), (255, 255, 255)
+_GRAY = np.arange(0, 256, 17, dtype=np.uint8).reshape(4, 4)  # 0, 17, ..., 255
+_ALPHA = np.array([[0, 1, 64, 127], [128, 200, 254, 255], [255, 0, 90, 255], [17, 255, 0, 128]], dtype=np.uint8)
+_WIDE = np.array([[0, 1, 128, 129], [256, 257, 385, 386], [32767, 32768, 40000, 65278], [65279, 65534, 65535, 12345]])
+_PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [37, 99, 201]], dtype=np.uint8)
+_INDEX = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 1, 3, 3], [0, 2, 0, 2]], dtype=np.uint8)
+
+
+def _on_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The test's own compositing on white: c * a + 255 * (1 - a), a in 0..1, rounded."""
+    a = alpha.astype(np.float64)[..., None] / 255 if colour.ndim == 3 else alpha / 255
+    return np.round(colour * a + 255 * (1 - a))
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luma, the gray PIL's convert("L") documents."""
+    return np.round(rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
+
+
+def _palette_image(index: np.ndarray = _INDEX) -> Image.Image:
+    img = Image.frombytes("P", index.shape[::-1], index.tobytes())
+    img.putpalette(_PALETTE.flatten().tolist())
+    return img
+
+
+def _pgm16(path: Path, values: np.ndarray, maxval: int, channels: int = 1) -> None:
+    magic = b"P5" if channels == 1 else b"P6"
+    h, w = values.shape[:2]
+    path.write_bytes(magic + f"\n{w} {h}\n{maxval}\n".encode() + values.astype(">u2").tobytes())
+
+
+def _case_1(d: Path):
+    bits = _GRAY > 100
+    Image.fromarray(bits).save(d / "a.png")
+    return d / "a.png", "1", np.where(bits, 255, 0), 0
+
+
+def _case_L(d: Path):
+    Image.fromarray(_GRAY).save(d / "a.png")
+    return d / "a.png", "L", _GRAY, 0
+
+
+def _case_L_transparency_key(d: Path):  # PNG tRNS on gray: pixels of value 34 are fully transparent
+    Image.fromarray(_GRAY).save(d / "a.png", transparency=34)
+    return d / "a.png", "L", np.where(_GRAY == 34, 255, _GRAY), 0
+
+
+def _case_LA(d: Path):
+    Image.merge("LA", [Image.fromarray(_GRAY), Image.fromarray(_ALPHA)]).save(d / "a.png")
+    return d / "a.png", "LA", _on_white(_GRAY, _ALPHA), 0
+
+
+def _case_P(d: Path):
+    _palette_image().save(d / "a.png")
+    return d / "a.png", "P", _PALETTE[_INDEX], 0
+
+
+def _case_P_transparent_index_png(d: Path):
+    _palette_image().save(d / "a.png", transparency=1)
+    return d / "a.png", "P", np.where((_INDEX == 1)[..., None], 255, _PALETTE[_INDEX]), 0
+
+
+def _case_P_transparent_index_gif(d: Path):
+    _palette_image().save(d / "a.gif", transparency=2)
+    return d / "a.gif", "P", np.where((_INDEX == 2)[..., None], 255, _PALETTE[_INDEX]), 0
+
+
+def _case_P_palette_alpha(d: Path):  # PNG tRNS with one alpha per palette entry
+    alphas = np.array([255, 128, 0, 60], dtype=np.uint8)
+    _palette_image().save(d / "a.png", transparency=alphas.tobytes())
+    return d / "a.png", "P", _on_white(_PALETTE[_INDEX], alphas[_INDEX]), 0
+
+
+def _case_PA(d: Path):
+    img = _palette_image().convert("PA")
+    img.putalpha(Image.fromarray(_ALPHA))
+    img.save(d / "a.tif")
+    return d / "a.tif", "PA", _on_white(_PALETTE[_INDEX], _ALPHA), 0
+
+
+def _case_RGB(d: Path):
+    Image.fromarray(_RGB).save(d / "a.png")
+    return d / "a.png", "RGB", _RGB, 0
+
+
+def _case_RGB_transparency_key(d: Path):
+    key = tuple(int(v) for v in _RGB[2, 1])
+    Image.fromarray(_RGB).save(d / "a.png", transparency=key)
+    return d / "a.png", "RGB", np.where((_RGB == key).all(-1)[..., None], 255, _RGB), 0
+
+
+def _case_RGB_16bit_ppm(d: Path):
+    values = (_RGB.astype(np.int64) * 1000 // 255)  # 0..1000 in a 16-bit PPM with maxval 1000
+    _pgm16(d / "a.ppm", values, 1000, channels=3)
+    return d / "a.ppm", "RGB", np.round(values * 255 / 1000), 1
+
+
+def _case_RGBA(d: Path):
+    Image.fromarray(np.dstack([_RGB, _ALPHA])).save(d / "a.png")
+    return d / "a.png", "RGBA", _on_white(_RGB, _ALPHA), 0
+
+
+def _case_RGBA_webp(d: Path):
+    Image.fromarray(np.dstack([_RGB, _ALPHA])).save(d / "a.webp", lossless=True, exact=True)
+    return d / "a.webp", "RGBA", _on_white(_RGB, _ALPHA), 0
+
+
+def _cmyk_pixels() -> np.ndarray:
+    cmyk = _RNG.integers(0, 256, size=(4, 4, 4), dtype=np.uint8)
+    cmyk[0, 0], cmyk[0, 1] = (0, 0, 0, 0), (255, 255, 255, 255)
+    return cmyk
+
+
+def _cmyk_to_rgb(cmyk: np.ndarray) -> np.ndarray:
+    c, k = cmyk[..., :3].astype(np.float64), cmyk[..., 3:].astype(np.float64)
+    return np.round((255 - c) * (255 - k) / 255)
+
+
+def _case_CMYK_tiff(d: Path):
+    cmyk = _cmyk_pixels()
+    Image.frombytes("CMYK", (4, 4), cmyk.tobytes()).save(d / "a.tif")
+    return d / "a.tif", "CMYK", _cmyk_to_rgb(cmyk), 1
+
+
+def _case_CMYK_jpeg(d: Path):  # Adobe's inverted CMYK JPEG; two flat, block-aligned halves survive JPEG closely
+    cmyk = np.zeros((16, 16, 4), dtype=np.uint8)
+    cmyk[:8], cmyk[8:] = (10, 200, 30, 40), (0, 0, 0, 0)
+    Image.frombytes("CMYK", (16, 16), cmyk.tobytes()).save(d / "a.jpg", quality=100, subsampling=0)
+    return d / "a.jpg", "CMYK", _cmyk_to_rgb(cmyk), 2
+
+
+def _case_YCbCr(d: Path):
+    ycc = _RNG.integers(16, 236, size=(4, 4, 3), dtype=np.uint8)
+    Image.frombytes("YCbCr", (4, 4), ycc.tobytes()).save(d / "a.tif")
+    y, cb, cr = (ycc[..., i].astype(np.float64) for i in range(3))
+    r, g, b = y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)
+    rgb = np.stack([r, g, b], -1)  # JFIF's YCbCr -> RGB
+    return d / "a.tif", "YCbCr", np.clip(np.round(rgb), 0, 255), 1
+
+
+def _case_I16_png(d: Path):
+    Image.fromarray(_WIDE.astype(np.uint16)).save(d / "a.png")
+    return d / "a.png", "I;16", np.round(_WIDE * 255 / 65535), 0
+
+
+def _case_I16_tiff(d: Path):
+    Image.fromarray(_WIDE.astype(np.uint16)).save(d / "a.tif")
+    return d / "a.tif", "I;16", np.round(_WIDE * 255 / 65535), 0
+
+
+def _case_I16B_tiff(d: Path):
+    Image.fromarray(_WIDE.astype(">u2")).save(d / "a.tif")
+    return d / "a.tif", "I;16B", np.round(_WIDE * 255 / 65535), 0
+
+
+def _case_I_pgm16(d: Path):  # Pillow opens a 16-bit PGM as I, stretched from its maxval to 0..65535
+    values = _WIDE * 1000 // 65535
+    _pgm16(d / "a.pgm", values, 1000)
+    return d / "a.pgm", "I", np.round(values * 255 / 1000), 1
+
+
+def _case_I_in_8bit_range(d: Path):
+    Image.fromarray(_GRAY.astype(np.int32)).save(d / "a.tif")
+    return d / "a.tif", "I", _GRAY, 0
+
+
+def _case_F_whole_8bit_values(d: Path):
+    Image.fromarray(_GRAY.astype(np.float32)).save(d / "a.tif")
+    return d / "a.tif", "F", _GRAY, 0
+
+
+DECODED_MODES = [
+    _case_1, _case_L, _case_L_transparency_key, _case_LA, _case_P, _case_P_transparent_index_png,
+    _case_P_transparent_index_gif, _case_P_palette_alpha, _case_PA, _case_RGB, _case_RGB_transparency_key,
+    _case_RGB_16bit_ppm, _case_RGBA, _case_RGBA_webp, _case_CMYK_tiff, _case_CMYK_jpeg, _case_YCbCr,
+    _case_I16_png, _case_I16_tiff, _case_I16B_tiff, _case_I_pgm16, _case_I_in_8bit_range, _case_F_whole_8bit_values,
+]
+
+
+@pytest.mark.parametrize("case", DECODED_MODES, ids=lambda c: c.__name__.removeprefix("_case_"))
+def test_read_image_decodes_each_mode_to_intended_pixels(tmp_path: Path, case):
+    path, mode, expected, tol = case(tmp_path)
+    with Image.open(path) as im:
+        assert im.mode == mode  # the file really exercises that mode
+    expected = np.asarray(expected, dtype=np.float64)
+    one_channel = expected.ndim == 2
+    colour, gray = read_image(path, gray=False), read_image(path, gray=True)
+    assert colour.dtype == np.uint8 and colour.shape == (3, *expected.shape[:2])
+    assert gray.dtype == np.uint8 and gray.shape == expected.shape[:2]
+    want_colour = np.stack([expected] * 3) if one_channel else expected.transpose(2, 0, 1)
+    assert np.abs(colour - want_colour).max() <= tol, (colour, want_colour)
+    if one_channel:
+        assert np.abs(gray - expected).max() <= tol and np.array_equal(gray, colour[0])
+    else:  # gray of a colour image: the luma of its (composited) colours, within PIL's rounding
+        assert np.abs(gray - _luma(expected)).max() <= tol + 1, (gray, _luma(expected))
+
+
+def test_read_image_16bit_gray_is_scaled_not_clipped(tmp_path: Path):
+    """The issue's example: PIL's convert("L") clips a 16-bit PNG to mostly white."""
+    ramp = np.linspace(0, 65535, 48 * 48).round().astype(np.uint16).reshape(48, 48)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    with Image.open(tmp_path / "ramp.png") as im:
+        clipped = np.asarray(im.convert("L"))
+    assert (clipped == 255).mean() > 0.99  # what the old reader returned
+    gray = read_image(tmp_path / "ramp.png", gray=True)
+    assert np.array_equal(gray, np.round(ramp / 257).astype(np.uint8))
+    assert gray.min() == 0 and gray.max() == 255 and abs(float(gray.mean()) - 127.5) < 1
+
+
+@pytest.mark.parametrize(
+    ("name", "pixels", "match"),
+    [
+        pytest.param("int_above_255", np.array([[0, 300], [70000, 5]], dtype=np.int32),
+                     r"32-bit integer pixels \(PIL mode I\) with values 0\.\.70000", id="int-above-255"),
+        pytest.param("int_negative", np.array([[-5, 3], [0, 255]], dtype=np.int32),
+                     r"mode I\) with values -5\.\.255", id="int-negative"),
+        pytest.param("float_unit_range", np.array([[0.0, 0.25], [0.5, 1.0]], dtype=np.float32),
+                     r"32-bit float pixels \(PIL mode F\) with values 0\.\.1, not all whole numbers", id="float-0-1"),
+        pytest.param("float_above_255", np.array([[0.0, 256.0], [3.0, 4.0]], dtype=np.float32),
+                     r"mode F\) with values 0\.\.256", id="float-above-255"),
+        pytest.param("float_nan", np.array([[0.0, np.nan], [3.0, 4.0]], dtype=np.float32),
+                     r"mode F\).*not all whole numbers", id="float-nan"),
+    ],
+)
+def test_read_image_refuses_unscaled_wide_pixels(tmp_path: Path, name: str, pixels: np.ndarray, match: str):
+    path = tmp_path / f"{name}.tif"
+    Image.fromarray(pixels).save(path)
+    for gray in (True, False):
+        with pytest.raises(DataError, match=rf"image {re.escape(str(path))} has .*{match}.*convert the file to 8-bit"):
+            read_image(path, gray)
+
+
+def test_read_image_refuses_lab(tmp_path: Path):
+    path = tmp_path / "lab.tif"
+    Image.frombytes("LAB", (2, 1), bytes([50, 10, 20, 200, 128, 128])).save(path)
+    with pytest.raises(DataError, match=rf"image {re.escape(str(path))} has PIL mode LAB.*convert the file to RGB"):
+        read_image(path, gray=False)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "UnidentifiedImageError"),
+        (b"just text, not an image\n", "UnidentifiedImageError"),
+        ("truncated", "truncated"),
+    ],
+    ids=["empty", "text", "truncated-png"],
+)
+def test_read_image_names_undecodable_file(tmp_path: Path, content, match: str):
+    path = tmp_path / "x.png"
+    if content == "truncated":
+        Image.fromarray(_RNG.integers(0, 256, size=(64, 64), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"cannot decode image {re.escape(str(path))} \(.*{match}.*replace the file"):
+        read_image(path, gray=True)
+
+
+# --- data --check ------------------------------------------------------------------------------------------------
+
+
+def _pixel_groups(files: list[str]) -> list[set[str]]:
+    """Files whose synthetic images are identical (same flat value, same size): groups of two or more."""
+    by_value: dict[int, set[str]] = {}
+    for f in files:
+        by_value.setdefault(pixel_value(f), set()).add(f)
+    return [g for g in by_value.values() if len(g) > 1]
+
+
+def _kaggle_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+
+
+def test_check_clean_dataset(tmp_path: Path, capsys: pytest.CaptureFixture):
+    root = _small_kaggle(tmp_path)
+    files = _kaggle_files(root)
+    check = check_images("ferplus", root)
+    assert (check.n_images, check.bad, check.layout, check.label_rule) == (len(files), [], "kaggle", "argmax")
+    # Flat synthetic images of equal value are identical: the check finds exactly those groups.
+    groups = _pixel_groups(files)
+    assert groups, "the synthetic data should hold some identical images"
+    assert sorted(map(sorted, map(set, check.duplicates))) == sorted(map(sorted, groups))
+    across = [g for g in groups if len({f.split("/")[0] for f in g}) > 1]
+    assert sorted(map(sorted, map(set, check.across_splits))) == sorted(map(sorted, across))
+
+    assert cli.main(["data", "--check", "--dataset", "ferplus", "--data-dir", str(root)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert not [line for line in out if line.startswith("bad")]
+    assert out[-1] == (
+        f"checked {len(files)} images of ferplus in {root} (kaggle layout, label rule argmax): 0 bad; "
+        f"{len(groups)} groups of identical images, {len(across)} of them across splits"
+    )
+    assert len([line for line in out if line.startswith("same pixels in two splits")]) == min(len(across), 10)
+    assert "checking ferplus" in captured.err  # the tqdm bar
+
+
+def test_check_lists_each_bad_file_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture):
+    root = _small_kaggle(tmp_path)
+    truncated, text, big = root / "train/happy/00002.png", root / "test/sad/00000.png", root / "train/fear/00001.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    text.write_text("this is a text file, not a PNG\n")
+    Image.new("L", (64, 64), 7).save(big)
+    n = len(_kaggle_files(root))
+
+    check = check_images("ferplus", root)
+    # in listing order: train before test, classes in FERPlus order (fear before happiness)
+    assert [f for f, _ in check.bad] == ["train/fear/00001.png", "train/happy/00002.png", "test/sad/00000.png"]
+    reasons, text_rel = dict(check.bad), "test/sad/00000.png"
+    assert re.search(rf"cannot decode image {re.escape(str(truncated))} \(", reasons["train/happy/00002.png"])
+    assert re.search(rf"cannot decode image {re.escape(str(text))} \(UnidentifiedImageError", reasons[text_rel])
+    assert reasons["train/fear/00001.png"].startswith("size 64x64 (WxH) differs from the 48x48 of")
+
+    assert cli.main(["data", "--check", "--dataset", "ferplus", "--data-dir", str(root)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if line.startswith("bad")] == [f"bad  {f}  {r}" for f, r in check.bad]
+    assert re.fullmatch(rf"checked {n} images of ferplus in .*: 3 bad; .*", out[-1])
+
+    assert cli.main(["data", "--check", "--json", "--dataset", "ferplus", "--data-dir", str(root)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == n and {b["file"]: b["reason"] for b in report["bad"]} == reasons
+
+
+def test_check_microsoft_layout_includes_unused_valid_folder(tmp_path: Path):
+    root = _small_microsoft(tmp_path)
+    victim = sorted((root / "FER2013Valid").glob("*.png"))[4]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    ds = load_dataset("ferplus", root, decode=False)  # val_source="split": FER2013Valid is unused
+    assert not [f for s in (ds.train, ds.val, ds.test) for f in s.files if f.startswith("FER2013Valid/")]
+    check = check_images("ferplus", root, label_rule="argmax")
+    assert check.n_images == 30 and check.label_rule == "argmax"
+    assert [f for f, _ in check.bad] == [f"FER2013Valid/{victim.name}"]
+    assert str(victim) in check.bad[0][1]
+
+
+def test_check_torchvision_pickles(tmp_path: Path, fake_torchvision_cifar: None):
+    write_cifar_pickles(tmp_path / "cifar")
+    check = check_images("cifar10", tmp_path / "cifar")
+    assert (check.layout, check.n_images, check.bad, check.duplicates) == ("torchvision", 130, [], [])
+
+
+def test_check_refuses_bad_arguments_and_layouts(tmp_path: Path, capsys: pytest.CaptureFixture):
+    with pytest.raises(DataError, match=r"label_rule='soft'"):
+        check_images("ferplus", tmp_path, label_rule="soft")
+    missing = tmp_path / "nowhere"
+    assert cli.main(["data", "--check", "--dataset", "cifar10", "--data-dir", str(missing)]) == 2
+    assert f"data_dir {missing} does not exist" in capsys.readouterr().err
+
+
+# --- the same image twice: in one label.csv, or in two splits ------------------------------------------------------
+
+
+def test_label_csv_listing_an_image_twice(tmp_path: Path):
+    root = _small_microsoft(tmp_path)
+    csv_path = root / "FER2013Train" / "label.csv"
+    lines = csv_path.read_text().splitlines()
+    name = lines[3].split(",")[0]
+    # The repeat is refused even when the label rule would drop it (an NF vote row).
+    csv_path.write_text("\n".join([*lines, f'{name},"(0, 0, 48, 48)",' + ",".join(map(str, clear_votes("NF")))]) + "\n")
+    pattern = rf"{re.escape(str(csv_path))} lists image '{name}' twice, on lines 4 and 11.*delete one of the two rows"
+    for rule in LABEL_RULES:
+        with pytest.raises(DataError, match=pattern):
+            load_dataset("ferplus", root, label_rule=rule, decode=False)
+    with pytest.raises(DataError, match=pattern):
+        check_images("ferplus", root)
+
+
+def test_image_name_in_two_folders_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture):
+    root = _small_microsoft(tmp_path)
+    test_csv, train_csv = root / "FER2013Test" / "label.csv", root / "FER2013Train" / "label.csv"
+    row = test_csv.read_text().splitlines()[1]
+    name = row.split(",")[0]
+    shutil.copy(root / "FER2013Test" / name, root / "FER2013Train" / name)
+    train_csv.write_text(train_csv.read_text() + row + "\n")
+    pattern = (
+        rf"image name '{name}' is listed both in {re.escape(str(train_csv))} \(line 11\) and in "
+        rf"{re.escape(str(test_csv))} \(line 2\).*train/test leakage\); remove it from one of the two folders"
+    )
+    for val_source in ("split", "official"):
+        with pytest.raises(DataError, match=pattern):
+            load_dataset("ferplus", root, val_source=val_source, decode=False)
+    assert cli.main(["data", "--check", "--dataset", "ferplus", "--data-dir", str(root)]) == 2
+    assert re.search(pattern, capsys.readouterr().err)
+
+
+def test_class_folders_may_reuse_a_file_name_across_splits(cifar_dir: Path):
+    """Class-folder copies number files per split (the real CIFAR-10 copy has train/cat/0000.jpg and
+    test/cat/0000.jpg): a shared name is not a shared image, so only identical pixels (data --check) tell."""
+    ds = load_dataset("cifar10", cifar_dir, decode=False)
+    names = lambda files: {f.split("/", 1)[1] for f in files}  # noqa: E731
+    assert names(ds.train.files + ds.val.files) & names(ds.test.files)

@@ -28,7 +28,7 @@ def test_lock_agrees_with_pyproject():
     assert {name: lock.get(name) for name in deps} == deps
 
 
-@pytest.mark.parametrize("command", [[], ["params"], ["data"], ["run"], ["results"], ["predict"], ["bench"], ["book-data"], ["search"]])
+@pytest.mark.parametrize("command", [[], ["params"], ["data"], ["run"], ["results"], ["compare"], ["predict"], ["bench"], ["book-data"], ["search"]])
 def test_every_subcommand_has_help(command):
     out = subprocess.run([sys.executable, "-m", "transferstudy.cli", *command, "--help"],
                          capture_output=True, text=True, check=True).stdout

@@ -613,7 +613,7 @@ def test_per_regime_and_provenance_tables(mixed):
     assert (used["layout"] == used["dataset"].map({"cifar10": "imagefolder", "ferplus": "microsoft"})).all()
     prov = tables.provenance(store)
     assert len(prov) == 20
-    svm = prov[(prov["regime"] == "Frozen features → SVM") & (prov["model"] == "AlexNet")
+    svm = prov[(prov["regime"] == "frozen SVM") & (prov["model"] == "AlexNet")
                & (prov["dataset"] == "CIFAR-10")].iloc[0]
     assert svm["weights"] == "random init" and svm["date"] == "2024-05-01" and svm["status"] == "ok"
     spent = tables.times(store)

@@ -25,7 +25,8 @@ import yaml
 from optuna.trial import TrialState
 from synthetic import write_cifar_imagefolder
 
-from transferstudy import cli, config, report, results, search, trials
+from transferstudy import cli, config, results, search, trials
+from transferstudy.report import store
 
 RUN = dict(model="alexnet", dataset="cifar10", regime="linear_probe", profile="smoke")
 
@@ -140,7 +141,7 @@ def test_sqlite_search_prunes_exports_and_reruns(data_root, tmp_path, capsys):
     assert len((run_dir / "curves.csv").read_text().splitlines()) == 2  # header + the one epoch it ran
     assert (run_dir.parent.parent.parent.parent / ".cache").resolve() == (output / "cache").resolve()
     # the trial is in the results store like any run
-    table = report.collect(output / "trials" / "0002" / "smoke")
+    table = store.collect(output / "trials" / "0002" / "smoke")
     assert table[["regime", "status"]].values.tolist() == [["linear_probe", "ok"]]
     assert "best_trial" not in results.read_json(output / "summary.json")  # nothing complete yet
 
@@ -285,7 +286,7 @@ def test_two_workers_share_a_postgres_study_and_survive_a_killed_worker(postgres
         assert results.read_json(run_dir / "meta.json")["status"] == "ok"
         params = results.read_json(run_dir / "params.json")
         assert {k: params[k] for k in t.params} == t.params and params["pretrained"] is False
-        rows = report.collect(run_dir.parents[2])  # <trial>/<profile>
+        rows = store.collect(run_dir.parents[2])  # <trial>/<profile>
         assert rows["status"].tolist() == ["ok"]
     summary = results.read_json(runs_a / "search" / "shared" / "summary.json")
     assert summary["states"]["complete"] == n and summary["states"]["fail"] == 1

@@ -7,6 +7,7 @@ import importlib
 import json
 import signal
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,6 +44,28 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from . import data
 
+    if args.check:  # decode every image; list each bad one; exit 1 if any is bad
+        check = data.check_images(args.dataset, args.data_dir, label_rule=args.label_rule, download=args.download)
+        if args.json:
+            print(json.dumps({
+                "dataset": check.name, "data_dir": check.data_dir, "layout": check.layout,
+                "label_rule": check.label_rule, "images": check.n_images,
+                "bad": [{"file": f, "reason": r} for f, r in check.bad],
+                "duplicates_across_splits": check.across_splits, "duplicate_groups": len(check.duplicates),
+            }, indent=2))
+            return 1 if check.bad else 0
+        for file, reason in check.bad:
+            print(f"bad  {file}  {reason}")
+        shown = 10
+        for group in check.across_splits[:shown]:
+            print(f"same pixels in two splits  {'  '.join(group)}")
+        if len(check.across_splits) > shown:
+            print(f"... and {len(check.across_splits) - shown} more groups across splits (--json lists them all)")
+        rule = f", label rule {check.label_rule}" if check.label_rule else ""
+        print(f"checked {check.n_images:,} images of {check.name} in {check.data_dir} ({check.layout} layout{rule}): "
+              f"{len(check.bad):,} bad; {len(check.duplicates):,} groups of identical images, "
+              f"{len(check.across_splits):,} of them across splits")
+        return 1 if check.bad else 0
     ds = data.load_dataset(args.dataset, args.data_dir, label_rule=args.label_rule, val_source=args.val_source,
                            download=args.download, decode=False)
     summary = data.summarize(ds)
@@ -63,9 +86,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import config, runner
 
-    overrides = {key: config.parse_value(value) for key, value in args.param}
+    overrides: dict[str, Any] = {}
+    for key, value in args.param:
+        if key in overrides and overrides[key] != config.parse_value(value):
+            raise config.ConfigError(f"-p {key} is given twice ({overrides[key]!r} and {value!r}); give it once")
+        overrides[key] = config.parse_value(value)
+    if args.wait < 0:
+        raise runner.RunnerError(f"--wait {args.wait:g}: give the seconds to wait for a busy run, 0 or more")
     outcomes = runner.run_matrix(args.profile, Path(args.data_root), Path(args.runs_dir), overrides,
-                                 only=args.only, force=args.force)
+                                 only=args.only, force=args.force, wait=args.wait)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
     print(f"{counts['ok']} ran, {counts['skipped']} unchanged (skipped), {counts['failed']} failed; "
           f"table: {Path(args.runs_dir) / args.profile / 'results.csv'}")
@@ -73,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from .results import collect
+    from .report.store import collect
 
     frame = collect(Path(args.runs_dir) / args.profile)
     rows = json.loads(frame.to_json(orient="records"))
@@ -87,10 +116,29 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .report import read_run, stats, tables
+
+    a, b = read_run(Path(args.run_a)), read_run(Path(args.run_b))
+    result = tables.compare(a, b)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    for name, run, iv in (("A", a, result.a), ("B", b, result.b)):
+        print(f"{name}  {run.run_dir}  ({run.label}, {run.best})\n   test accuracy "
+              f"{tables.pct_ci(iv.value, iv.low, iv.high, 2)}  (95% bootstrap interval, {result.n:,} images)")
+    d = result.difference
+    print(f"B - A  {tables.pp_ci(d.value, d.low, d.high)}  (paired bootstrap)")
+    print(f"discordant images: {result.a_only} right only by A, {result.b_only} right only by B; "
+          f"McNemar exact {stats.format_p(result.p)}")
+    print(stats.comparison_sentence("B", "A", d.value, result.p) + ".")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .bundle import predict_files
 
-    rows = predict_files(args.bundle, args.images)
+    rows = predict_files(args.bundle, args.images, trust_torchscript=args.trust_torchscript)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -122,7 +170,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("data", help="classes, split sizes, per-class counts and the split hash",
-                       description="Classes, split sizes, per-class counts and the split hash of a dataset folder.")
+                       description="Classes, split sizes, per-class counts and the split hash of a dataset folder; "
+                                   "with --check, decode every image and list the files that are bad.")
     p.add_argument("--dataset", required=True, choices=config.DATASETS)
     p.add_argument("--data-dir", required=True, help="that dataset's own folder, e.g. data/cifar10")
     p.add_argument("--label-rule", default=None, choices=["majority", "argmax", "votes"],
@@ -130,12 +179,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--val-source", default="split", choices=["split", "official"],
                    help="validation: 20%% stratified split of train, or FERPlus's official Valid set")
     p.add_argument("--download", action="store_true", help="CIFAR-10 only: download with torchvision")
+    p.add_argument("--check", action="store_true",
+                   help="decode every image of every split instead; list each bad file (path and reason) and "
+                        "images with identical pixels in two splits; exit 1 if any file is bad")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("run", help="execute the study's notebooks into the results store",
-                       description="Execute the matrix (dataset x model x regime) with papermill. Runs whose "
-                                   "settings and code are unchanged since they last succeeded are skipped.")
+                       description=textwrap.fill(
+                           "Execute the matrix (dataset x model x regime) with papermill. Runs whose settings and "
+                           "code are unchanged since they last succeeded are skipped. The -p settings are checked "
+                           "for every selected run before any starts; a run folder another runner is working on "
+                           "stops this one at once (or after --wait seconds), naming that runner.", 88),
+                       epilog=textwrap.fill(
+                           "-p VALUE is read as YAML (1e-3, true, false, [a, b]). null keeps the profile's value, "
+                           "like a notebook parameter left at None, so -p KEY null is refused where that value is "
+                           "not null. The word none sets no value where a setting has one: -p n_train none (or "
+                           "all) uses the whole split, -p patience none turns early stopping off. model, dataset, "
+                           "regime and profile are not settings: choose runs with --only and --profile.", 88)
+                       + "\n\nsettings: what each takes [the regimes that read it; -p passes it to those only]\n"
+                       + config.settings_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="quick", choices=list(config.profiles()),
                    help="smoke | quick | full (default: quick)")
     p.add_argument("--data-root", default="data", help="folder holding cifar10/ and ferplus/ (default: data)")
@@ -143,8 +207,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, metavar="GLOB",
                    help="only runs whose dataset/model/regime matches, e.g. '*/alexnet/*' or 'ferplus/*/full'")
     p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="override a notebook parameter for every run that has it (repeatable)")
+                   help="set a setting for every selected run that reads it (repeatable); see the settings "
+                        "below; none = no value (-p n_train none: the whole split), null = the profile's value")
     p.add_argument("--force", action="store_true", help="redo runs even when unchanged")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to this long for runs another runner holds (default: 0, stop at once)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("results", help="the table of all runs of a profile",
@@ -154,12 +221,28 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_results)
 
+    p = sub.add_parser("compare", help="compare two runs on the same test images, with intervals and McNemar's test",
+                       description="Both runs' test accuracies with 95%% bootstrap intervals, the paired difference "
+                                   "B - A with its interval, the discordant images and McNemar's exact p. Runs "
+                                   "scored on different test images (other subsets or label rules) are refused.")
+    p.add_argument("run_a", metavar="RUN_DIR_A", help="a run folder, e.g. runs/quick/cifar10/alexnet/linear_probe")
+    p.add_argument("run_b", metavar="RUN_DIR_B", help="another run folder scored on the same test images")
+    p.add_argument("--json", action="store_true", help="print JSON: a, b, difference, difference_ci, n, a_only, "
+                                                       "b_only, mcnemar_p")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("predict", help="classify image files with an exported bundle (CPU)",
                        description="Classify image files on CPU with a fine-tuned or SVM bundle "
-                                   "(<run folder>/bundle); prints class and probability.")
+                                   "(<run folder>/bundle); prints class and probability. Each image is "
+                                   "preprocessed and classified on its own. The network is rebuilt from the "
+                                   "bundle's weights (read as data); its TorchScript, which is code, runs only "
+                                   "with --trust-torchscript.")
     p.add_argument("--bundle", required=True, help="a bundle folder, e.g. runs/quick/cifar10/alexnet/full/bundle")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="run the bundle's TorchScript (model.torchscript.pt / extractor.torchscript.pt) instead "
+                        "of rebuilding from its weights; TorchScript is code: only for a bundle you trust")
     p.set_defaults(func=cmd_predict)
 
     # These two import torch / optuna to declare their options: only when asked for, so that

@@ -11,8 +11,15 @@ Layouts, detected from ``data_dir`` (the dataset's own folder, e.g. ``data/cifar
 - FERPlus, Microsoft: ``FER2013Train|FER2013Valid|FER2013Test/`` with PNGs and ``label.csv``
   (votes turned into labels by a label rule). With ``val_source="split"`` val is 20% of
   FER2013Train and FER2013Valid is unused; with ``"official"`` val is FER2013Valid. Test is FER2013Test.
+  A label.csv that lists an image twice, or an image name that two folders' label.csv both list (one
+  FER2013 image in two splits), is refused.
 - FERPlus, Kaggle "FER2013Plus": ``train/<class>/`` + ``test/<class>/``, possibly one folder down
   (e.g. ``fer2013/train``); the folder names carry the (argmax) labels.
+
+Class-folder copies number their files per split (``train/cat/0000.jpg`` and ``test/cat/0000.jpg`` are
+different images), so a shared name proves nothing there; ``check_images`` (``transferstudy data --check``)
+decodes every image and reports identical pixels across splits, as well as each file that will not decode.
+``read_image`` is the one image reader; its docstring gives the 8-bit pixels it makes of each PIL mode.
 
 Resizing and normalising happen per batch elsewhere.
 """
@@ -23,6 +30,8 @@ import csv
 import hashlib
 import json
 import os
+import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +67,7 @@ _FERPLUS_FOLDER_ALIASES = {
     "surprise": "surprise", "surprised": "surprise",
 }
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+_VOTE_COUNT = re.compile("[0-9]+")
 _PROGRESS_MIN_IMAGES = 2000
 _DECODE_CHUNK = 512
 
@@ -134,10 +144,7 @@ def load_dataset(
     download: CIFAR-10 only; fetch torchvision's copy into ``data_dir`` when no local copy exists.
     decode: False skips image decoding (``Split.images`` is None), for fast counts.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset name={name!r}; use one of {DATASETS}")
-    if label_rule is not None and label_rule not in LABEL_RULES:
-        raise DataError(f"unknown label_rule={label_rule!r}; use one of {LABEL_RULES} or None")
+    root = _source_root(name, data_dir, label_rule, download)
     if val_source not in _VAL_SOURCES:
         raise DataError(f"unknown val_source={val_source!r}; use one of {_VAL_SOURCES}")
     sizes = {"train": n_train, "val": n_val, "test": n_test}
@@ -146,17 +153,8 @@ def load_dataset(
             raise DataError(f"n_{split}={n!r} must be a positive int or None (= the whole split)")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DataError(f"seed={seed!r} must be a non-negative int")
-    if download and name != "cifar10":
-        raise DataError(f"download=True works for CIFAR-10 only; {name} needs a local copy: {_expected_layout(name)}")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir() and not download:
-        raise DataError(f"data_dir {root} does not exist. Expected {_expected_layout(name)}")
 
-    if name == "cifar10":
-        layout, pools = _cifar10_pools(root, download)
-        rule = None
-    else:
-        layout, rule, pools = _ferplus_pools(root, label_rule)
+    layout, rule, pools = _source_pools(name, root, label_rule, download)
     classes = CLASSES[name]
 
     train_pool = pools["train"]
@@ -204,6 +202,118 @@ def load_dataset(
             "layout": layout, "label_rule": rule, "val_source": val_source, "data_dir": str(root.resolve()),
             "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
         },
+    )
+
+
+def _source_root(name: str, data_dir: str | Path, label_rule: str | None, download: bool) -> Path:
+    """Check the arguments that pick a dataset copy; return ``data_dir`` as a Path."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset name={name!r}; use one of {DATASETS}")
+    if label_rule is not None and label_rule not in LABEL_RULES:
+        raise DataError(f"unknown label_rule={label_rule!r}; use one of {LABEL_RULES} or None")
+    if download and name != "cifar10":
+        raise DataError(f"download=True works for CIFAR-10 only; {name} needs a local copy: {_expected_layout(name)}")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir() and not download:
+        raise DataError(f"data_dir {root} does not exist. Expected {_expected_layout(name)}")
+    return root
+
+
+def _source_pools(
+    name: str, root: Path, label_rule: str | None, download: bool
+) -> tuple[str, str | None, dict[str, _Pool]]:
+    """(layout, label rule used, source pools by split: train, test and, for Microsoft's FERPlus, valid)."""
+    if name == "cifar10":
+        layout, pools = _cifar10_pools(root, download)
+        return layout, None, pools
+    return _ferplus_pools(root, label_rule)
+
+
+@dataclass
+class ImageCheck:
+    """What ``check_images`` found in one dataset copy.
+
+    ``bad``: (file relative to data_dir, reason) for each image that will not decode or whose size
+    differs from the rest of its split. ``duplicates``: groups (>= 2 files) of images with identical
+    decoded pixels; ``across_splits`` are the groups whose files lie in more than one source split.
+    """
+
+    name: str
+    data_dir: str
+    layout: str
+    label_rule: str | None
+    n_images: int
+    bad: list[tuple[str, str]]
+    duplicates: list[list[str]]
+    across_splits: list[list[str]]
+
+
+def check_images(
+    name: str, data_dir: str | Path, *, label_rule: str | None = None, download: bool = False
+) -> ImageCheck:
+    """Decode every listed image of every source split through ``read_image`` (with a progress bar).
+
+    The listing is ``load_dataset``'s (so layout and label.csv errors raise DataError first), with
+    ``label_rule`` picking the label.csv rows; FERPlus's FER2013Valid is checked even though
+    ``val_source="split"`` leaves it unused. torchvision's pickled CIFAR-10 is already pixels: only
+    its sizes and duplicates are checked. Nothing is raised for a bad image: each one is listed.
+
+    Duplicates are reported, not refused: FER2013 itself holds identical faces across its official
+    splits, and refusing them would refuse the benchmark the study compares with.
+    """
+    root = _source_root(name, data_dir, label_rule, download)
+    layout, rule, pools = _source_pools(name, root, label_rule, download)
+    gray = name == "ferplus"
+    items = [(split, i) for split, pool in pools.items() for i in range(len(pool.files))]
+
+    def look(split: str, i: int) -> tuple[tuple[int, ...], str] | str:
+        pool = pools[split]
+        try:
+            arr = pool.pixels[i] if pool.pixels is not None else read_image(root / pool.files[i], gray)
+        except DataError as e:
+            return str(e)
+        arr = np.ascontiguousarray(arr)
+        return tuple(arr.shape), hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
+
+    chunk = 128
+
+    def work(start: int) -> list:
+        return [look(*item) for item in items[start:start + chunk]]
+
+    found: list = []
+    bar = tqdm(total=len(items), desc=f"checking {name}", unit="img", mininterval=1.0)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as executor, bar:
+        for part in executor.map(work, range(0, len(items), chunk)):
+            found += part
+            bar.update(len(part))
+
+    bad: list[tuple[str, str]] = []
+    by_split: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for (split, i), result in zip(items, found, strict=True):
+        file = pools[split].files[i]
+        if isinstance(result, str):
+            bad.append((file, result))
+            continue
+        shape, digest = result
+        by_split.setdefault(split, []).append((file, shape))
+        groups.setdefault(digest, []).append((split, file))
+    for split, shapes in by_split.items():
+        (common, n_common), = Counter(s[-2:] for _, s in shapes).most_common(1)
+        for file, shape in shapes:
+            if shape[-2:] != common:
+                bad.append((file, (
+                    f"size {shape[-1]}x{shape[-2]} (WxH) differs from the {common[1]}x{common[0]} of {n_common} "
+                    f"other images of the {split} split; a split is kept at native size in one tensor, so "
+                    "resize or remove this image"
+                )))
+    order = {pools[split].files[i]: k for k, (split, i) in enumerate(items)}
+    bad.sort(key=lambda b: order[b[0]])
+    duplicates = [[f for _, f in g] for g in groups.values() if len(g) > 1]
+    across = [[f for _, f in g] for g in groups.values() if len({s for s, _ in g}) > 1]
+    return ImageCheck(
+        name=name, data_dir=str(root), layout=layout, label_rule=rule, n_images=len(items),
+        bad=bad, duplicates=duplicates, across_splits=across,
     )
 
 
@@ -319,12 +429,13 @@ def _ferplus_pools(root: Path, label_rule: str | None) -> tuple[str, str, dict[s
     for base in candidates:
         if any((base / d).is_dir() for d in _FERPLUS_SPLIT_DIRS.values()):
             rule = label_rule or "majority"
-            pools = {}
+            pools, listed = {}, {}
             for split, dirname in _FERPLUS_SPLIT_DIRS.items():
                 if not (base / dirname).is_dir():
                     raise DataError(f"missing folder {base / dirname}; Microsoft's FERPlus layout needs "
                                     f"{', '.join(_FERPLUS_SPLIT_DIRS.values())}")
-                pools[split] = _read_ferplus_csv(root, base / dirname, rule)
+                pools[split], listed[dirname] = _read_ferplus_csv(root, base / dirname, rule)
+            _refuse_names_in_two_folders(base, listed)
             return "microsoft", rule, pools
     nested = [p for p in candidates[1:] if (p / "train").is_dir() and (p / "test").is_dir()]
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -360,52 +471,93 @@ def _ferplus_label(votes: list[int], rule: str) -> int | None:
     return top
 
 
-def _read_ferplus_csv(root: Path, folder: Path, rule: str) -> _Pool:
+def _read_ferplus_csv(root: Path, folder: Path, rule: str) -> tuple[_Pool, dict[str, int]]:
+    """``folder``'s label.csv as a pool of the rows ``rule`` keeps, and every listed image name -> its line.
+
+    A row naming an image that an earlier row of the same file names is refused (it would give one
+    image two labels, or two votes in a split).
+    """
     csv_path = folder / "label.csv"
     if not csv_path.is_file():
         raise DataError(f"missing {csv_path}; Microsoft's FERPlus layout has one label.csv per folder")
     classes = CLASSES["ferplus"]
     column_to_class = [classes.index(c) for c in _FERPLUS_VOTE_COLUMNS[:8]]
-    present = {e.name for e in os.scandir(folder)}
+    present = {e.name for e in os.scandir(folder) if e.is_file()}
     prefix = folder.relative_to(root).as_posix()
+    listed: dict[str, int] = {}
     files: list[str] = []
     labels: list[int] = []
     soft: list[list[float]] = []
-    with open(csv_path, newline="") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if not row:
-                continue
-            try:
-                if len(row) != 12:
-                    raise ValueError(f"{len(row)} fields")
-                votes = [int(v) for v in row[2:]]
-                if min(votes) < 0:
-                    raise ValueError("negative vote count")
-            except ValueError as e:
-                raise DataError(
-                    f"{csv_path}, line {line_no}: cannot parse row {row!r} ({e}); expected image name, "
-                    f"\"(x, y, w, h)\", then 10 vote counts ({', '.join(_FERPLUS_VOTE_COLUMNS)})"
-                ) from e
-            top = _ferplus_label(votes, rule)
-            if top is None:
-                continue
-            if row[0] not in present:
-                raise DataError(f"{csv_path}, line {line_no}: image {folder / row[0]} is missing; restore it")
-            files.append(f"{prefix}/{row[0]}")
-            labels.append(column_to_class[top])
-            if rule == "votes":
-                target = [0.0] * len(classes)
-                for col, v in enumerate(votes[:8]):
-                    target[column_to_class[col]] = v
-                total = sum(target)
-                soft.append([v / total for v in target])
+    line_no = 0
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            for row in reader:
+                line_no = reader.line_num
+                if not row:
+                    continue
+                try:
+                    if len(row) != 12:
+                        raise ValueError(f"{len(row)} fields")
+                    counts = [v.strip() for v in row[2:]]
+                    bad = [v for v in counts if not _VOTE_COUNT.fullmatch(v)]
+                    if bad:
+                        raise ValueError(f"vote count {bad[0]!r} is not a whole number >= 0")
+                    votes = [int(v) for v in counts]
+                except ValueError as e:
+                    raise DataError(
+                        f"{csv_path}, line {line_no}: cannot parse row {row!r} ({e}); expected image name, "
+                        f"\"(x, y, w, h)\", then 10 vote counts ({', '.join(_FERPLUS_VOTE_COLUMNS)})"
+                    ) from e
+                if row[0] in listed:
+                    raise DataError(
+                        f"{csv_path} lists image {row[0]!r} twice, on lines {listed[row[0]]} and {line_no}: one "
+                        "image would count twice (or with two labels); delete one of the two rows"
+                    )
+                listed[row[0]] = line_no
+                top = _ferplus_label(votes, rule)
+                if top is None:
+                    continue
+                if row[0] not in present:
+                    raise DataError(f"{csv_path}, line {line_no}: image {folder / row[0]} is missing; restore it")
+                files.append(f"{prefix}/{row[0]}")
+                labels.append(column_to_class[top])
+                if rule == "votes":
+                    target = [0.0] * len(classes)
+                    for col, v in enumerate(votes[:8]):
+                        target[column_to_class[col]] = v
+                    total = sum(target)
+                    soft.append([v / total for v in target])
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DataError(
+                f"{csv_path}, after line {line_no}: not a readable UTF-8 CSV file ({type(e).__name__}: {e}); "
+                "restore the label.csv of Microsoft's FERPlus"
+            ) from e
     if not files:
         raise DataError(f"{csv_path}: no row keeps a label under label_rule={rule!r}; check the file or the rule")
-    return _Pool(
+    pool = _Pool(
         files,
         np.asarray(labels, dtype=np.int64),
         np.asarray(soft, dtype=np.float32) if rule == "votes" else None,
     )
+    return pool, listed
+
+
+def _refuse_names_in_two_folders(base: Path, listed: dict[str, dict[str, int]]) -> None:
+    """Refuse an image name listed by the label.csv of two FERPlus folders (one FER2013 image in two splits)."""
+    dirs = list(listed)
+    for i, first in enumerate(dirs):
+        for second in dirs[i + 1:]:
+            shared = sorted(listed[first].keys() & listed[second].keys())
+            if shared:
+                name = shared[0]
+                more = f" (and {len(shared) - 1} more shared names)" if len(shared) > 1 else ""
+                raise DataError(
+                    f"image name {name!r} is listed both in {base / first / 'label.csv'} (line {listed[first][name]}) "
+                    f"and in {base / second / 'label.csv'} (line {listed[second][name]}){more}: FERPlus names "
+                    "each FER2013 image once, so one image would sit in two splits (train/test leakage); "
+                    "remove it from one of the two folders and its label.csv"
+                )
 
 
 def _make_split(root: Path, pool: _Pool, idx: np.ndarray, gray: bool, decode: bool, desc: str) -> Split:
@@ -424,24 +576,102 @@ def _make_split(root: Path, pool: _Pool, idx: np.ndarray, gray: bool, decode: bo
     )
 
 
-def _read_image(path: Path, gray: bool) -> np.ndarray:
+# Modes decoded as they are or through PIL's own colour conversion (1 becomes 0/255, P its palette colours).
+_PLAIN_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_GRAY_FAMILY = ("1", "L", "LA", "La")  # composited in one channel when alpha is present
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def read_image(path: Path, gray: bool) -> np.ndarray:
+    """One image file as uint8 pixels: [H, W] when ``gray``, else [3, H, W]; what will not decode is a DataError.
+
+    The first frame of a multi-frame file is read; EXIF orientation is not applied. Per PIL mode:
+
+    - ``1``: 0 and 255. ``L``: as stored. ``RGB``: as stored (16-bit RGB PNG/PPM: Pillow's 8-bit reduction).
+    - ``P``: the palette colours; ``CMYK``, ``YCbCr``, ``RGBX``, ``HSV``: PIL's conversion to RGB.
+    - Alpha (``LA``, ``PA``, ``RGBA``, premultiplied ``La``/``RGBa``, and ``L``/``RGB``/``P`` files with a
+      transparency key or palette alpha): composited on white, ``round((c * a + 255 * (255 - a)) / 255)``,
+      so a fully transparent pixel is 255 whatever colour it hides.
+    - ``I;16`` (16-bit gray, any byte order): 0..65535 scaled to 0..255, ``round(v / 257)``. A 16-bit
+      PGM, which Pillow opens as ``I`` already stretched from its maxval to 0..65535, is scaled the same way.
+    - ``I`` (32-bit integer, other than PGM) and ``F`` (32-bit float): no scale is implied, so the values
+      are taken as 8-bit only when every one is a whole number in 0..255; anything else is refused.
+    - Any other mode (e.g. ``LAB``) is refused.
+
+    ``gray`` then takes ITU-R 601 luma (PIL's ``convert("L")``) of colour pixels; one-channel pixels are
+    kept, and copied into three channels when not ``gray``.
+    """
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("L" if gray else "RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode image {path} ({e}); replace the file or re-extract the dataset") from e
-    return arr if gray else arr.transpose(2, 0, 1)
+            im.load()
+            pixels = _to_uint8(im, path, gray)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- whatever PIL raises on a bad file, named with its type
+        raise DataError(
+            f"cannot decode image {path} ({type(e).__name__}: {e}); replace the file or re-extract the dataset"
+        ) from e
+    if pixels.size == 0:
+        raise DataError(f"image {path} has no pixels (size {pixels.shape[1]}x{pixels.shape[0]}); replace the file")
+    if gray:
+        return pixels
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)) if pixels.ndim == 3 else np.stack([pixels] * 3)
+
+
+def _to_uint8(im: Image.Image, path: Path, gray: bool) -> np.ndarray:
+    """``im`` (loaded) as uint8 [H, W] (one channel) or [H, W, 3]; see ``read_image`` for the rule per mode."""
+    mode = im.mode
+    if mode in _MODES_16BIT or (mode == "I" and im.format == "PPM"):
+        wide = np.asarray(im).astype(np.int64)
+        if wide.min(initial=0) < 0 or wide.max(initial=0) > 65535:
+            raise DataError(f"image {path} (mode {mode}) holds values outside 0..65535; replace the file")
+        return ((wide + 128) // 257).astype(np.uint8)
+    if mode in ("I", "F"):
+        values = np.asarray(im)
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        whole = bool(np.isfinite(values).all() and (values == np.round(values)).all())
+        if not (whole and lo >= 0 and hi <= 255):
+            kind = "32-bit integer" if mode == "I" else "32-bit float"
+            raise DataError(
+                f"image {path} has {kind} pixels (PIL mode {mode}) with values {lo:g}..{hi:g}"
+                f"{'' if whole else ', not all whole numbers'}: no 8-bit scale is implied, so they are refused "
+                "rather than clipped; convert the file to 8-bit (values 0..255) or to 16-bit PNG"
+            )
+        return values.astype(np.uint8)
+    if mode not in _PLAIN_MODES + _ALPHA_MODES:
+        raise DataError(
+            f"image {path} has PIL mode {mode}, which is not decoded to 8-bit pixels here "
+            f"(decoded: {', '.join(_PLAIN_MODES + _ALPHA_MODES + _MODES_16BIT)}, I, F); convert the file to RGB or L"
+        )
+    if mode in _ALPHA_MODES or "transparency" in im.info:
+        if mode in _GRAY_FAMILY:
+            return _on_white(np.asarray(im.convert("LA")))
+        rgb = _on_white(np.asarray(im.convert("RGBA")))
+        return np.asarray(Image.fromarray(rgb).convert("L")) if gray else rgb
+    if mode in _GRAY_FAMILY:
+        return np.asarray(im.convert("L"))
+    rgb = im.convert("RGB")
+    return np.asarray(rgb.convert("L") if gray else rgb)
+
+
+def _on_white(with_alpha: np.ndarray) -> np.ndarray:
+    """[H, W, C + 1] uint8 with alpha last, composited on white: [H, W, C], or [H, W] when C == 1."""
+    colour = with_alpha[..., :-1].astype(np.int32)
+    alpha = with_alpha[..., -1:].astype(np.int32)
+    out = ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    return out[..., 0] if out.shape[-1] == 1 else out
 
 
 def _decode_files(root: Path, files: list[str], gray: bool, desc: str) -> torch.Tensor:
     """Decode ``files`` into uint8 [N, 3, H, W] with a small thread pool; all must share one size."""
-    first = _read_image(root / files[0], gray)
+    first = read_image(root / files[0], gray)
     out = np.empty((len(files), *first.shape), dtype=np.uint8)
 
     def work(start: int) -> int:
         stop = min(start + _DECODE_CHUNK, len(files))
         for i in range(start, stop):
-            arr = _read_image(root / files[i], gray)
+            arr = read_image(root / files[i], gray)
             if arr.shape != first.shape:
                 raise DataError(
                     f"image {root / files[i]} has size {arr.shape[-2:]} but {files[0]} has {first.shape[-2:]}; "

@@ -7,6 +7,14 @@ They are stored as float16 ``.npy`` files keyed by a content hash of everything 
 computes them anew and nothing else does. Writes are atomic. AlexNet's penultimate embedding
 is derived from its cached pooled one, so both cost one backbone pass per image.
 
+Every ``features/<key>.npy`` has a checksum record ``feature-records/<key>.json`` beside the
+``features`` folder (its SHA-256, byte size, shape and dtype; written after the array, each file
+atomically). A cache hit reads the file once into memory, hashing it as it goes, and uses it only
+when size, hash, shape and dtype all match the record (and the row count matches the split): nothing
+is memory-mapped. A file that does not match, or has no record (one stored before the records
+existed, or whose record write was interrupted), is damaged: a line naming its path is logged, the
+file and its record are deleted and the features are computed and stored again.
+
 The partial fine-tune without augmentation trains on cached activations of the frozen
 prefix (:func:`prefix_splits`) instead of running that prefix again every epoch.
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -47,22 +56,121 @@ def split_digest(files: list[str]) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
 
+RECORDS = "feature-records"  # the checksum records' folder, beside ``features/`` in the cache folder
+_RECORD_FORMAT = 1
+_STORED = np.dtype(np.float16)
+_CHUNK = 1 << 22
+
+
+class _Damaged(Exception):
+    """A cache file that cannot be trusted; the message says why."""
+
+
+def record_path(cache_dir: str | Path, key: str) -> Path:
+    """Where the checksum record of the cache file under ``key`` lives."""
+    return Path(cache_dir) / RECORDS / f"{key}.json"
+
+
 def cached(cache_dir: str | Path | None, key: str, compute: Callable[[], np.ndarray],
-           log: Callable[[str], Any] = print) -> np.ndarray:
-    """Load the array stored under ``key`` or compute, store (float16) and return it (float32)."""
+           log: Callable[[str], Any] = print, *, rows: int | None = None) -> np.ndarray:
+    """Load the array stored under ``key`` or compute, store (float16) and return it (float32).
+
+    A stored array is used only if it matches its checksum record (size, SHA-256, shape, dtype) and,
+    given ``rows``, has that many rows; otherwise it is logged as damaged (with its path), deleted
+    with its record, and computed and stored again.
+    """
     if cache_dir is None:
         return np.asarray(compute(), dtype=np.float32)
     path = Path(cache_dir) / "features" / f"{key}.npy"
-    if path.exists():
-        log(f"feature cache hit: {path.name}")
-        return np.asarray(np.load(path, mmap_mode="r"), dtype=np.float32)
+    record = record_path(cache_dir, key)
+    if path.exists() or record.exists():
+        try:
+            stored = _read_verified(path, record, rows)
+        except _Damaged as exc:
+            log(f"feature cache damaged: {path}: {exc}; deleted it and its record, computing the features again")
+            path.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
+        else:
+            log(f"feature cache hit: {path.name}")
+            return stored.astype(np.float32)
     array = np.asarray(compute(), dtype=np.float32)
     buf = io.BytesIO()
-    np.save(buf, array.astype(np.float16))
-    atomic_write_bytes(path, buf.getvalue())
+    np.save(buf, array.astype(_STORED))
+    payload = buf.getvalue()
+    meta = {"format": _RECORD_FORMAT, "file": path.name, "sha256": hashlib.sha256(payload).hexdigest(),
+            "bytes": len(payload), "shape": list(array.shape), "dtype": _STORED.name}
+    record.unlink(missing_ok=True)  # a new array is never paired with an old record, even if this write stops here
+    atomic_write_bytes(path, payload)
+    atomic_write_bytes(record, (json.dumps(meta, indent=1) + "\n").encode())
     log(f"feature cache stored: {path.name} {tuple(array.shape)}")
     # Return what a later cache hit returns, so a run gives the same numbers either way.
-    return array.astype(np.float16).astype(np.float32)
+    return array.astype(_STORED).astype(np.float32)
+
+
+def _read_record(record: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(record.read_text())
+        if not isinstance(meta, dict) or meta.get("format") != _RECORD_FORMAT:
+            raise ValueError(f"not a format-{_RECORD_FORMAT} record")
+        digest, size, shape, dtype = meta["sha256"], meta["bytes"], meta["shape"], meta["dtype"]
+        if not (isinstance(digest, str) and len(digest) == 64 and isinstance(size, int) and size >= 0
+                and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(dtype, str)):
+            raise ValueError("sha256, bytes, shape or dtype is malformed")
+    except (OSError, ValueError, KeyError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _Damaged(f"its checksum record {record} is unreadable ({exc})") from None
+    return meta
+
+
+def _read_verified(path: Path, record: Path, rows: int | None) -> np.ndarray:
+    """The array in ``path`` if its bytes are what ``record`` describes; raises ``_Damaged`` otherwise.
+
+    The file is read into memory once, hashed chunk by chunk on the way; the array is a view of exactly
+    the bytes that were hashed.
+    """
+    if not path.is_file():
+        raise _Damaged(f"the array file is missing but its checksum record {record} exists")
+    if not record.is_file():
+        raise _Damaged(f"it has no checksum record ({record}; stored before records existed, or its write was "
+                       "interrupted), so it cannot be verified")
+    meta = _read_record(record)
+    size = path.stat().st_size
+    if size != meta["bytes"]:
+        raise _Damaged(f"it has {size} bytes, its record says {meta['bytes']} (truncated or altered)")
+    buf = bytearray(size)
+    view = memoryview(buf)
+    hasher, got = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while got < size and (n := fh.readinto(view[got:got + _CHUNK])):
+            hasher.update(view[got:got + n])
+            got += n
+        more = fh.read(1)
+    view.release()
+    if got != size or more:
+        raise _Damaged(f"it changed size while being read (expected {size} bytes)")
+    if hasher.hexdigest() != meta["sha256"]:
+        raise _Damaged(f"its sha256 is {hasher.hexdigest()[:16]}..., its record says {meta['sha256'][:16]}... "
+                       "(altered or corrupted on disk)")
+    header = io.BytesIO(bytes(buf[:1 << 16]))
+    try:
+        version = np.lib.format.read_magic(header)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran_order, dtype = read_header(header)
+    except ValueError as exc:
+        raise _Damaged(f"it is not a readable .npy file ({exc})") from None
+    expected = (tuple(meta["shape"]), meta["dtype"])
+    if (shape, dtype.name) != expected or dtype != _STORED or fortran_order:
+        raise _Damaged(f"it holds {dtype.name} {shape}{' (Fortran order)' if fortran_order else ''}, its record "
+                       f"says {expected[1]} {expected[0]} and the cache stores {_STORED.name} in C order")
+    count = math.prod(shape)
+    if header.tell() + count * dtype.itemsize != size:
+        raise _Damaged(f"its {size} bytes do not fit a {dtype.name} array of shape {shape}")
+    if rows is not None and (not shape or shape[0] != rows):
+        raise _Damaged(f"it holds {shape[0] if shape else 0} rows, the split has {rows} images")
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=header.tell()).reshape(shape)
 
 
 class FeatureSplit:
@@ -103,7 +211,7 @@ def activations(fn: Callable[[torch.Tensor], torch.Tensor], split: Any, *, prepr
                                 progress=progress)
         return flat.reshape(len(flat), *shape)
 
-    return cached(cache_dir if key is not None else None, key or "", compute, log=log)
+    return cached(cache_dir if key is not None else None, key or "", compute, log=log, rows=len(split.images))
 
 
 def embeddings(net: nn.Module, model: str, kind: str, splits: Mapping[str, Any], *, weights_id: str | None,

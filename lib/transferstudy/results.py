@@ -1,10 +1,10 @@
-"""The results store: one folder per run, written atomically, and one table across runs.
+"""The results store's writers: one folder per run, every file written atomically.
 
 A run folder holds ``params.json`` (its resolved settings), ``split.json`` (indices and hash),
 ``metrics.json``, ``curves.csv`` (per epoch, where there is training), ``predictions.npz``
 (test labels, predictions, probabilities), ``embeddings.npz`` (for the figures), the executed
 ``notebook.ipynb`` and ``meta.json`` (status, provenance, wall time, peak resident memory), which
-is written last.
+is written last. ``report.store`` is the one reader of these folders (and writes the table across runs).
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-TABLE_COLUMNS = ["model", "dataset", "regime", "classifier", "status", "val_accuracy", "test_accuracy",
-                 "test_macro_f1", "trainable", "total", "pretrained", "profile", "device", "wall_s",
-                 "peak_rss_mb", "date", "split_hash", "error", "run_dir"]
-
 
 def peak_rss_mb(who: str = "self") -> float:
     """Peak resident memory in MiB of this process (``"self"``) or of its largest finished child (``"children"``)."""
@@ -52,14 +47,96 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         raise
 
 
+# --- swapping a finished run folder into place ------------------------------------------------------
+#
+# A run is made in ``<run>.running`` beside its folder ``<run>``; when it has finished, the swap is
+#   1. ``<run>`` -> ``<run>.old``       (only when there is a previous result)
+#   2. ``<run>.running`` -> ``<run>``
+#   3. remove ``<run>.old``
+# Each step is one rename (atomic within a filesystem) or a removal, and the names say what each folder
+# holds: ``.running`` the newest attempt, ``.old`` the previous result. So after a crash between any two
+# steps a finished result is in ``<run>`` or ``<run>.running``, the previous one in ``<run>`` or
+# ``<run>.old``, and ``recover_swap`` (run on the next start, under the run's lock) completes the swap
+# or puts the previous result back. An error in step 2 puts the previous result back at once.
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.rename(src, dst)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path)
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def swap_into_place(stage: Path, final: Path) -> None:
-    """Move a finished run folder ``stage`` to ``final``; the old ``final`` is removed only after the move."""
+    """Move a finished run folder ``stage`` to ``final``; the old ``final`` is removed only after the move.
+
+    ``stage`` is ``<run>.running`` (its name is what tells ``recover_swap`` that it is the newer one).
+    """
+    stage, final = Path(stage), Path(final)
     old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        if final.exists():
+            _remove(old)  # left by step 3 of an earlier swap
+        # else: old is the previous result, left between steps 1 and 2; step 2 supersedes it
     if final.exists():
-        final.rename(old)
-    stage.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+        _rename(final, old)  # 1
+    try:
+        _rename(stage, final)  # 2
+    except Exception:
+        if old.exists() and not final.exists():
+            _rename(old, final)  # the previous result back; the finished one stays in stage
+        raise
+    _sync_dir(final.parent)
+    if old.exists():
+        _remove(old)  # 3
+
+
+def run_finished(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished run: its ``meta.json`` (written last) says status ok."""
+    try:
+        return read_json(Path(folder) / "meta.json").get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def recover_swap(final: Path, finished: Any = run_finished) -> list[str]:
+    """Finish or undo a swap into ``final`` that a crash interrupted; what was done, one line each.
+
+    ``<run>.running`` that is ``finished`` is swapped into place (it is the newest result); a ``<run>.old``
+    is put back when ``<run>`` is missing and removed otherwise. An unfinished ``<run>.running`` is left
+    for the caller (the runner keeps it as the run's failed attempt). Call it holding the run's lock.
+    """
+    final = Path(final)
+    stage = final.with_name(final.name + ".running")
+    old = final.with_name(final.name + ".old")
+    done: list[str] = []
+    if stage.is_dir() and finished(stage):
+        swap_into_place(stage, final)
+        done.append(f"{final}: moved in the finished run that an interrupted runner left in {stage.name}")
+    if old.is_dir():
+        if final.exists():
+            _remove(old)
+            done.append(f"{final}: removed {old.name}, the previous result an interrupted swap left behind")
+        else:
+            _rename(old, final)
+            _sync_dir(final.parent)
+            done.append(f"{final}: put back the previous result from {old.name} (an interrupted swap)")
+    return done
 
 
 def _jsonable(value: Any) -> Any:
@@ -153,58 +230,3 @@ class RunRecorder:
                          **{k: self.params[k] for k in ("model", "dataset", "regime", "profile")})
         write_json(self.run_dir / "meta.json", self.meta)
         return self.meta
-
-
-# --- the table across runs -------------------------------------------------------------
-
-
-def _rows_for(run_dir: Path) -> list[dict[str, Any]]:
-    meta = read_json(run_dir / "meta.json")
-    base = {k: meta.get(k) for k in TABLE_COLUMNS if k in meta}
-    base.update(run_dir=str(run_dir), status=meta.get("status", "ok"), classifier=None)
-    metrics_file = run_dir / "metrics.json"
-    metrics = read_json(metrics_file) if metrics_file.exists() else {}
-    if base["status"] != "ok":
-        return [base]
-    if "classifiers" in metrics:
-        rows = []
-        for name, m in metrics["classifiers"].items():
-            rows.append({**base, "classifier": name, "val_accuracy": m["val"]["accuracy"],
-                         "test_accuracy": m["test"]["accuracy"], "test_macro_f1": m["test"]["macro_f1"]})
-        return rows
-    return [{**base, "classifier": metrics.get("classifier"),
-             "val_accuracy": metrics.get("val", {}).get("accuracy"),
-             "test_accuracy": metrics.get("test", {}).get("accuracy"),
-             "test_macro_f1": metrics.get("test", {}).get("macro_f1")}]
-
-
-def collect(root: Path) -> pd.DataFrame:
-    """One row per run (per classifier for the classical regime) under ``root``.
-
-    A failed attempt (``<run>.failed/meta.json``) newer than the run's last success shows as
-    ``failed``, with its error; the earlier success stays on disk untouched.
-    """
-    rows: list[dict[str, Any]] = []
-    root = Path(root)
-    # run folders sit at <dataset>/<model>/<regime>/ under the profile's root
-    for meta in sorted(root.glob("*/*/*/meta.json")):
-        run_dir = meta.parent
-        if run_dir.name.endswith((".running", ".failed", ".old")):
-            continue
-        failed = run_dir.with_name(run_dir.name + ".failed") / "meta.json"
-        if failed.exists() and failed.stat().st_mtime > meta.stat().st_mtime:
-            continue  # reported below, from the failure
-        rows.extend(_rows_for(run_dir))
-    for failed in sorted(root.glob("*/*/*.failed/meta.json")):
-        ok = failed.parent.with_name(failed.parent.name.removesuffix(".failed")) / "meta.json"
-        if not ok.exists() or failed.stat().st_mtime > ok.stat().st_mtime:
-            rows.extend(_rows_for(failed.parent))
-    frame = pd.DataFrame(rows, columns=TABLE_COLUMNS).astype({"trainable": "Int64", "total": "Int64"})
-    return frame.sort_values(["dataset", "model", "regime", "classifier"], na_position="first",
-                             ignore_index=True)
-
-
-def write_table(root: Path) -> pd.DataFrame:
-    frame = collect(root)
-    atomic_write_bytes(Path(root) / "results.csv", frame.to_csv(index=False).encode())
-    return frame

@@ -106,6 +106,30 @@ def make_scheduler(optimizer: Optimizer, *, name: str = "cosine", epochs: int, s
     return LambdaLR(optimizer, factor)
 
 
+class TrainingDiverged(RuntimeError):
+    """:func:`fit` stopped: a training step's loss or an epoch's validation loss became NaN or infinite.
+
+    ``phase`` is ``"train"`` or ``"validation"``; ``epoch`` and ``step`` are 1-based (``step`` within the
+    epoch; a validation loss follows the epoch's last step), ``global_step`` counts steps from the start.
+    ``loss`` is the non-finite value, ``lrs`` maps each parameter group's name to the learning rate the
+    step used, ``last_finite_loss`` is the last finite training step loss (None when the first step
+    diverged) and ``epochs`` holds the rows of the epochs that finished. Under torch.distributed every
+    rank raises it at the same step, and ``ranks`` lists those whose loss was not finite.
+
+    When it is raised, :func:`fit` has loaded back into the model the best epoch's weights, or the
+    weights it started with if no epoch finished; ``restored`` says which. The checkpoint file is only
+    ever written after an improving epoch, so it still holds the best epoch (or was never written).
+    """
+
+    def __init__(self, message: str, *, phase: str, epoch: int, step: int, steps: int, global_step: int,
+                 loss: float, lrs: dict[str, float], last_finite_loss: float | None, ranks: list[int],
+                 restored: str, epochs: list[dict[str, float]]) -> None:
+        super().__init__(message)
+        self.phase, self.epoch, self.step, self.steps, self.global_step = phase, epoch, step, steps, global_step
+        self.loss, self.lrs, self.last_finite_loss, self.ranks = loss, lrs, last_finite_loss, ranks
+        self.restored, self.epochs = restored, epochs
+
+
 @dataclass
 class History:
     """What :func:`fit` did: one dict per epoch (train_loss, train_acc, val_loss, val_acc, lr, seconds).
@@ -146,6 +170,13 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
     ``on_epoch(epoch, row)`` is called after each epoch with its row; returning True stops training
     there (a search pruning the trial).
 
+    Every step's loss is checked before the optimiser applies it (on the value already copied to the
+    host for the epoch's mean, so no extra synchronisation; on CUDA ``GradScaler.step`` synchronises each
+    step anyway), and every epoch's validation loss before it can count as an improvement: a NaN or
+    infinite one raises :class:`TrainingDiverged` naming the epoch, the step, the learning rates and the
+    last finite loss. The diverged step is never applied, the model gets the best epoch's weights back
+    (or, if no epoch finished, the weights it came in with) and ``checkpoint_path`` is left as it was.
+
     When a ``torch.distributed`` process group is up with several ranks, ``batch_size`` stays the
     global batch: each rank takes every ``world``-th sample of it (the epoch's order is the same on all
     ranks, padded to a multiple of ``world`` like DistributedSampler) and DDP averages the gradients,
@@ -179,31 +210,74 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     maximize = monitor == "val_acc"
     best_metric, best_epoch, best_state, stale = -math.inf if maximize else math.inf, 0, None, 0
+    initial: dict[str, torch.Tensor] | None = _cpu_state(model)  # restored if it diverges before an epoch finished
     rows: list[dict[str, float]] = []
+    last_finite: tuple[float, int, int] | None = None  # (loss, epoch, step) of the last finite training step
+    global_step = 0
+
+    def diverged(phase: str, epoch: int, step: int, steps: int, losses: list[float]) -> TrainingDiverged:
+        """Restore the best (or initial) weights and build the error naming where it diverged."""
+        if best_state is not None:
+            model.load_state_dict(best_state)
+            restored = f"the best epoch's weights (epoch {best_epoch}, {monitor} {best_metric:.4f})"
+            kept = f"; {checkpoint_path} still holds them" if checkpoint_path is not None else ""
+        else:
+            model.load_state_dict(initial)
+            restored, kept = "the weights it started with (no epoch finished)", ""
+        bad_ranks = [r for r, v in enumerate(losses) if not math.isfinite(v)]
+        loss = losses[bad_ranks[0]]
+        lrs = {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+        where = (f"the training loss became {loss} at epoch {epoch}, step {step} of {steps} (step {global_step} "
+                 "overall)" if phase == "train" else
+                 f"the validation loss became {loss} after epoch {epoch} (step {step} of {steps}, step "
+                 f"{global_step} overall)")
+        on_ranks = (f" on rank{'s' if len(bad_ranks) > 1 else ''} {', '.join(map(str, bad_ranks))}"
+                    if world > 1 and phase == "train" else "")
+        last = (f"last finite training loss {last_finite[0]:.6g} (epoch {last_finite[1]}, step {last_finite[2]})"
+                if last_finite is not None else "no finite training loss before it")
+        message = (f"training diverged: {where}{on_ranks}; learning rate{'s' if len(lrs) > 1 else ''} "
+                   + ", ".join(f"{name}={value:.3g}" for name, value in lrs.items())
+                   + f"; {last}. The model holds {restored}{kept}. Lower the learning rate (lr, or lr_backbone / "
+                   "lr_head), add warmup (warmup_frac) or check the inputs for NaN/inf values")
+        log(message)
+        return TrainingDiverged(message, phase=phase, epoch=epoch, step=step, steps=steps, global_step=global_step,
+                                loss=loss, lrs=lrs, last_finite_loss=None if last_finite is None else last_finite[0],
+                                ranks=bad_ranks if phase == "train" else [],
+                                restored="best" if best_state is not None else "initial", epochs=list(rows))
+
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         tick = time.perf_counter()
         net.train()
         order = _shard(torch.randperm(n, generator=shuffle), batch_size, rank, world)
         loss_sum, correct = 0.0, 0
+        n_steps = math.ceil(len(order) / (batch_size // world))
         steps = _batches(train.images, order, batch_size // world, device)
-        for idx, images in tqdm(steps, total=math.ceil(n / batch_size), desc=f"epoch {epoch}",
-                                disable=not progress, leave=False):
+        for step, (idx, images) in enumerate(tqdm(steps, total=n_steps, desc=f"epoch {epoch}",
+                                                  disable=not progress, leave=False), 1):
             inputs = preprocess(images, True)
             labels = train.labels[idx].to(device, non_blocking=True)
             target = train.soft[idx].to(device, non_blocking=True) if soft_targets else labels
             optimizer.zero_grad(set_to_none=True)
             loss, logits = _accumulate(net, inputs, target, micro_batch_size or len(idx), scaler, device,
-                                       label_smoothing, epoch)
+                                       label_smoothing)
+            global_step += 1
+            losses = _step_losses(loss, rank, world)  # the step's one host sync (and all ranks agree on it)
+            if not all(math.isfinite(v) for v in losses):
+                optimizer.zero_grad(set_to_none=True)
+                raise diverged("train", epoch, step, n_steps, losses)
+            last_finite = (sum(losses) / world, epoch, step)
             scaler.step(optimizer)
             scaler.update()
             lr = max(group["lr"] for group in optimizer.param_groups)  # the lr this step used
             if scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
                 scheduler.step()
-            loss_sum += loss * len(idx)
+            loss_sum += losses[rank] * len(idx)
             correct += (logits.argmax(1) == labels).sum().item()
         loss_sum, correct, seen = _all_sum([loss_sum, correct, len(order)], device)
         val_loss, val_acc = _evaluate(model, val, preprocess, batch_size, device)
+        if not math.isfinite(val_loss):  # the same on every rank: it is summed over them
+            raise diverged("validation", epoch, n_steps, n_steps, [val_loss])
         if isinstance(scheduler, ReduceLROnPlateau):
             scheduler.step(1.0 - val_acc)
         row = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss,
@@ -213,7 +287,7 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
         improved = metric > best_metric if maximize else metric < best_metric
         if improved:
             best_metric, best_epoch, stale = metric, epoch, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state, initial = _cpu_state(model), None
             if checkpoint_path is not None and rank == 0:
                 write_state_dict(Path(checkpoint_path), best_state)
         else:
@@ -233,11 +307,33 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
                    stopped_early=len(rows) < epochs, seconds=time.perf_counter() - start)
 
 
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``model``'s state_dict (parameters and buffers)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _step_losses(loss: torch.Tensor, rank: int, world: int) -> list[float]:
+    """Each rank's loss of this step, on the host: one sync, plus one tiny all-reduce under DDP.
+
+    Every rank gets every rank's value, so a NaN on one rank stops all of them at the same step
+    instead of leaving the others waiting in the next collective.
+    """
+    if world == 1:
+        return [loss.item()]
+    every = torch.zeros(world, dtype=torch.float64, device=loss.device)
+    every[rank] = loss.detach().double()
+    dist.all_reduce(every)
+    return every.tolist()
+
+
 def _accumulate(net: nn.Module, inputs: torch.Tensor, target: torch.Tensor, micro: int,
-                scaler: torch.amp.GradScaler, device: torch.device, label_smoothing: float,
-                epoch: int) -> tuple[float, torch.Tensor]:
-    """Backward of one batch's mean loss, ``micro`` samples at a time; (the batch's loss, its logits)."""
-    n, total, outputs = len(inputs), 0.0, []
+                scaler: torch.amp.GradScaler, device: torch.device,
+                label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of one batch's mean loss, ``micro`` samples at a time; (the batch's loss, its logits).
+
+    The loss stays on the device (no synchronisation per micro-batch); :func:`fit` checks it.
+    """
+    n, total, outputs = len(inputs), torch.zeros((), device=device), []
     for start in range(0, n, micro):
         part = slice(start, start + micro)
         last = start + micro >= n
@@ -247,11 +343,8 @@ def _accumulate(net: nn.Module, inputs: torch.Tensor, target: torch.Tensor, micr
             with _autocast(device):
                 logits = net(inputs[part])
             loss = F.cross_entropy(logits.float(), target[part], label_smoothing=label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch}; "
-                                         "lower the learning rate")
             scaler.scale(loss * (len(logits) / n)).backward()
-        total += loss.item() * len(logits) / n
+        total = total + loss.detach() * (len(logits) / n)
         outputs.append(logits.detach())
     return total, torch.cat(outputs)
 

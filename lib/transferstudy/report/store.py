@@ -28,6 +28,8 @@ MODEL_LABELS = {"alexnet": "AlexNet", "deit_base": "DeiT-Base"}
 REGIME_LABELS = {"frozen_svm": "Frozen features → SVM", "linear_probe": "Linear probe",
                  "partial": "Partial fine-tune", "full": "Full fine-tune",
                  "classical": "Classical classifiers on embeddings"}
+REGIME_SHORT = {"frozen_svm": "frozen SVM", "linear_probe": "linear probe", "partial": "partial fine-tune",
+                "full": "full fine-tune", "classical": "classical"}  # for table cells
 LADDER = config.NOTEBOOK_REGIMES[:4]  # frozen SVM -> linear probe -> partial -> full: least to most trained
 TABLE_COLUMNS = ["model", "dataset", "regime", "classifier", "best", "status", "val_accuracy", "test_accuracy",
                  "test_macro_f1", "n_test", "trainable", "total", "pretrained", "profile", "device", "wall_s",

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import config
 from . import stats
-from .store import DATASET_LABELS, LADDER, MODEL_LABELS, REGIME_LABELS, Run, Store, StoreError
+from .store import DATASET_LABELS, LADDER, MODEL_LABELS, REGIME_LABELS, REGIME_SHORT, Run, Store, StoreError
 
 
 def pct(value: float | None, digits: int = 1) -> str:
@@ -189,6 +189,7 @@ def reported(store: Store) -> pd.DataFrame:
         ours, on=keys, how="outer", suffixes=("_reported", "_here"))
     status = {(r.dataset, r.model, r.regime): r.status for r in store.runs.values()}
     merged["status"] = [status[(d, m, r)] for d, m, r in zip(merged["dataset"], merged["model"], merged["regime"])]
+    merged = merged[[c for c in merged.columns if c != "note"] + ["note"]]
     order = {name: i for i, name in enumerate(config.NOTEBOOK_REGIMES)}
     return merged.sort_values(["dataset", "model", "regime", "classifier"],
                               key=lambda s: s.map(order) if s.name == "regime" else s, ignore_index=True)
@@ -207,7 +208,7 @@ def protocol(store: Store) -> pd.DataFrame:
 def provenance(store: Store) -> pd.DataFrame:
     """Where each run's numbers came from: status, weights, device, date, library versions."""
     return pd.DataFrame([{"dataset": DATASET_LABELS[r.dataset], "model": MODEL_LABELS[r.model],
-                          "regime": REGIME_LABELS[r.regime], "status": r.status,
+                          "regime": REGIME_SHORT[r.regime], "status": r.status,
                           "weights": {True: "pretrained", False: "random init"}.get(r.pretrained, "—"),
                           "device": r.meta.get("device", "—"), "date": str(r.meta.get("date", "—"))[:10],
                           "torch / timm": f"{r.meta['torch']} / {r.meta.get('timm', '?')}" if r.meta.get("torch")
@@ -217,7 +218,7 @@ def provenance(store: Store) -> pd.DataFrame:
 def times(store: Store) -> pd.DataFrame:
     """Wall time and peak resident memory of every run that was attempted."""
     return pd.DataFrame([{"dataset": DATASET_LABELS[r.dataset], "model": MODEL_LABELS[r.model],
-                          "regime": REGIME_LABELS[r.regime], "status": r.status,
+                          "regime": REGIME_SHORT[r.regime], "status": r.status,
                           "wall_s": r.meta.get("wall_s"), "peak_gib": (r.meta["peak_rss_mb"] / 1024
                                                                        if r.meta.get("peak_rss_mb") else None),
                           "device": r.meta.get("device")}
@@ -226,9 +227,9 @@ def times(store: Store) -> pd.DataFrame:
 
 
 def labelled(frame: pd.DataFrame) -> pd.DataFrame:
-    """Dataset, model and regime names as the book writes them."""
+    """Dataset, model and regime names as the book writes them (short regime names: they sit in table cells)."""
     frame = frame.copy()
-    for column, labels in (("dataset", DATASET_LABELS), ("model", MODEL_LABELS), ("regime", REGIME_LABELS)):
+    for column, labels in (("dataset", DATASET_LABELS), ("model", MODEL_LABELS), ("regime", REGIME_SHORT)):
         if column in frame:
             frame[column] = frame[column].map(lambda v, labels=labels: labels.get(v, v))
     return frame
@@ -248,6 +249,7 @@ def show(frame: pd.DataFrame, percent: tuple[str, ...] = (), p: tuple[str, ...] 
         frame.insert(frame.columns.get_loc(parts[0]), name, [fmt(*v) for v in zip(*(frame[c] for c in parts))])
         frame = frame.drop(columns=list(parts))
     frame = labelled(frame.drop(columns=[c for c in hide if c in frame]))
-    formats = ({c: (lambda v: pct(v, digits)) for c in percent if c in frame}
+    counts = {c: "{:,}" for c in frame.columns if pd.api.types.is_integer_dtype(frame[c])}
+    formats = (counts | {c: (lambda v: pct(v, digits)) for c in percent if c in frame}
                | {c: stats.format_p for c in p if c in frame})
     return frame.style.hide(axis="index").format(formats, na_rep="—")
