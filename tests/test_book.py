@@ -405,6 +405,9 @@ def test_search_chapter_shows_each_search_from_its_files(searched, model):
         assert (row["lr"], row["batch_size"]) == (str(lr), str(bs))
         assert pd.isna(row["val accuracy"]) == (outcome == "fail")
         assert (row["pruned after epoch"] == 1) if outcome == "pruned" else pd.isna(row["pruned after epoch"])
+        test = trials.set_index("number").loc[n, "test_accuracy"]  # these trial folders hold no predictions
+        assert row["test accuracy [95% CI] (not used)"] == ("—" if outcome == "fail" else
+                                                           f"{tables.pct(test)} (no interval: no run folder here)")
     # importances only with 2 complete trials that differ
     importances, why = chapters.importances_or_reason(folder, trials)
     assert (importances is not None) == (len(complete) >= 2)

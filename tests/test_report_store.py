@@ -590,6 +590,24 @@ def test_reported_puts_a_network_head_beside_the_studys_number_for_it(tmp_path):
     assert len(rows) == 1, rows[["classifier", "test_accuracy_reported", "test_accuracy_here"]].to_string()
     assert rows["test_accuracy_reported"].item() == pytest.approx(0.9178)
     assert rows["test_accuracy_here"].item() == pytest.approx(51 / 60)
+    # its interval is the one the Comparison page gives the same run (the kept classifier's predictions)
+    iv = tables.intervals(Store.load(profile).run("cifar10", "alexnet", "full"))["accuracy"]
+    assert (rows["ci_low"].item(), rows["ci_high"].item()) == (iv.low, iv.high) and iv.low < 51 / 60 < iv.high
+
+
+def test_reported_gives_every_classifier_an_interval_from_its_own_counts(tmp_path):
+    profile = tmp_path / "quick"
+    knn_right, svm_right = slice(0, 30), slice(0, 55)
+    write_run(profile, "cifar10", "alexnet", "classical", Y,
+              {"knn_pca128": predict(Y, knn_right), "linear_svm": predict(Y, svm_right)})
+    frame = tables.reported(Store.load(profile))
+    frame = frame[(frame["regime"] == "classical") & (frame["dataset"] == "cifar10")].set_index("classifier")
+    for name, right in (("knn_pca128", 30), ("linear_svm", 55)):
+        row = frame.loc[name]
+        expected = stats.accuracy_ci(np.arange(60) < right)
+        assert row["test_accuracy_here"] == pytest.approx(right / 60)
+        assert (row["ci_low"], row["ci_high"]) == (expected.low, expected.high)
+    assert frame.loc["knn_pca128", "ci_high"] < frame.loc["linear_svm", "ci_low"]  # 50% vs 92% of 60 images
 
 
 # --- regime_runs, protocol, provenance, times -----------------------------------------------------------------

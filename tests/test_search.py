@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from synthetic import write_cifar_imagefolder
 
 from transferstudy import cli, config, results, search, trials
-from transferstudy.report import store
+from transferstudy.report import chapters, store, tables
 
 RUN = dict(model="alexnet", dataset="cifar10", regime="linear_probe", profile="smoke")
 
@@ -157,6 +157,16 @@ def test_sqlite_search_prunes_exports_and_reruns(data_root, tmp_path, capsys):
     assert list(entry) == ["linear_probe/alexnet/cifar10"]
     trials = (output / "trials.csv").read_text().splitlines()
     assert len(trials) == 5 and trials[0].startswith("number,state,val_accuracy")
+    # the search chapter gives each trial's test accuracy its interval, from the trial's own run folder
+    _, frame, _ = chapters.read_search(output)
+    shown = chapters.trials_frame(frame)["test accuracy [95% CI] (not used)"]
+    ran = frame[frame["run_dir"].map(lambda d: isinstance(d, str))]
+    assert list(ran["number"]) == [2, 3]  # trials 0 and 1 were added to the study by hand, without a run
+    assert list(shown[frame["run_dir"].isna()]) == ["—", "—"]  # and no test accuracy
+    for row in ran.itertuples():
+        iv = tables.intervals(store.read_run(Path(row.run_dir)))["accuracy"]
+        assert iv.value == pytest.approx(row.test_accuracy)
+        assert shown[row.Index] == tables.pct_ci(iv.value, iv.low, iv.high)
     report = json.loads((output / "report.ipynb").read_text())
     outputs = [o for c in report["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o["output_type"] == "error"]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .. import config, data
-from .store import Run, Store
+from .store import Run, Store, StoreError
 
 FERPLUS_RULES = {
     "majority": "FERPlus's official rule: single votes are zeroed, the top emotion needs more than half of "
@@ -279,6 +279,21 @@ def trial_state(row: pd.Series) -> str:
     return str(row["state"])
 
 
+def _trial_test(row: pd.Series) -> str:
+    """A trial's test accuracy with its interval, from its run folder's predictions where this machine has them."""
+    from .store import read_run
+    from .tables import intervals, pct, pct_ci
+
+    if pd.isna(row.get("test_accuracy")):
+        return "—"
+    run_dir = row.get("run_dir")
+    try:
+        iv = intervals(read_run(Path(run_dir)))["accuracy"] if isinstance(run_dir, str) else None
+    except (StoreError, ValueError):
+        iv = None  # the run folder is elsewhere (a shared search) or lacks predictions
+    return pct_ci(iv.value, iv.low, iv.high) if iv else f"{pct(row['test_accuracy'])} (no interval: no run folder here)"
+
+
 def trials_frame(trials: pd.DataFrame) -> pd.DataFrame:
     """Every trial: its settings, what became of it, its validation accuracy, pruning epoch and test accuracy."""
     params = [c for c in trials.columns if c.startswith("param_")]
@@ -286,7 +301,7 @@ def trials_frame(trials: pd.DataFrame) -> pd.DataFrame:
                          **{c.removeprefix("param_"): trials[c] for c in params},
                          "val accuracy": trials["val_accuracy"],
                          "pruned after epoch": trials["pruned_epoch"].astype("Int64"),
-                         "test accuracy (not used)": trials["test_accuracy"]})
+                         "test accuracy [95% CI] (not used)": trials.apply(_trial_test, axis=1)})
 
 
 def has_curves(trials: pd.DataFrame) -> bool:
