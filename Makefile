@@ -26,11 +26,12 @@ data:
 	@if [ ! -d "$(DATA_DIR)/cifar10" ] && [ -x ../shared/data/extract.sh ]; then ../shared/data/extract.sh "$(DATA_DIR)"; fi
 
 # A failed run still gets its page (a note saying what failed); the book is built either way,
-# and `make book` then exits with the study's status.
+# and `make book` then exits with the study's status. --all: Sphinx re-reads (so re-executes) only
+# pages whose source changed, and the chapters' sources do not change when the runs do.
 book: venv data
 	$(BIN)/transferstudy run --profile $(PROFILE) --data-root "$(DATA_DIR)" -p pretrained $(PRETRAINED); status=$$?; \
 	$(BIN)/transferstudy book-data --profile $(PROFILE) --data-root "$(DATA_DIR)" && \
-	$(BIN)/jupyter-book build . -n -W --keep-going && exit $$status
+	$(BIN)/jupyter-book build . --all -n -W --keep-going && exit $$status
 
 # The book's browser test drives Debian's Chromium (Playwright is pointed at it; no browser is downloaded).
 chromium:

@@ -73,10 +73,11 @@ def copy_book_sources(dest: Path) -> Path:
 
 
 def build(root: Path) -> Path:
-    """``jupyter-book build -n -W --keep-going`` of ``root``; returns the HTML folder, failing on any warning."""
+    """``jupyter-book build --all -n -W --keep-going`` of ``root``; returns the HTML folder, failing on any warning."""
     jb = Path(sys.executable).with_name("jupyter-book")
     out = root / "out"
-    result = subprocess.run([str(jb), "build", str(root), "-n", "-W", "--keep-going", "--path-output", str(out)],
+    result = subprocess.run([str(jb), "build", str(root), "--all", "-n", "-W", "--keep-going",
+                             "--path-output", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"jupyter-book build failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     return out / "_build" / "html"
@@ -223,6 +224,14 @@ def test_config_executes_the_chapters_but_never_the_run_pages():
         assert path in cfg["exclude_patterns"]
     assert cfg["launch_buttons"]["colab_url"].startswith("https://colab.research.google.com")
     assert (REPO / cfg["bibtex_bibfiles"][0]).is_file()
+
+
+def test_make_book_rebuilds_every_page_so_no_chapter_keeps_old_numbers():
+    # Sphinx re-reads (and so re-executes) only pages whose source changed; a chapter's source does not change
+    # when the runs do, so without --all a second `make book` would show the first one's numbers.
+    build_line = next(line for line in (REPO / "Makefile").read_text().splitlines() if "jupyter-book build" in line)
+    assert " --all " in build_line and "-n -W --keep-going" in build_line
+    assert "jupyter-book build . --all -n -W --keep-going" in (REPO / "book" / "reproduce.md").read_text()
 
 
 def test_book_data_rejects_a_folder_without_the_book(tmp_path, capsys):
