@@ -40,8 +40,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ONLY = "*/alexnet/*,cifar10/deit_base/frozen_svm,cifar10/deit_base/linear_probe"  # AlexNet everywhere; 2 DeiT runs
 SHOTS = ("comparison", "errors")  # pages whose screenshots the browser test keeps
-FAILING = "ferplus/deit_base/linear_probe"  # run with a weights file that does not exist: a real failed run
-MISSING_WEIGHTS = "/no/such/weights.pth"
+FAILING = "ferplus/deit_base/linear_probe"  # run with a file that holds no weights: a real failed run
+BAD_WEIGHTS = str(Path(__file__).resolve())  # it exists (a missing file is refused before anything runs)
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "book")
 
 
@@ -118,7 +118,7 @@ def smoke(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     runs = tmp_path_factory.mktemp("runs")
     lines: list[str] = []
     outcomes = runner.run_matrix("smoke", data_root, runs, {"pretrained": False}, only=ONLY, report=lines.append)
-    outcomes += runner.run_matrix("smoke", data_root, runs, {"pretrained": False, "weights_path": MISSING_WEIGHTS},
+    outcomes += runner.run_matrix("smoke", data_root, runs, {"pretrained": False, "weights_path": BAD_WEIGHTS},
                                   only=FAILING, report=lines.append)
     status = {spec.key: "missing" for spec in runner.matrix()} | {o.spec.key: o.status for o in outcomes}
     assert status[FAILING] == "failed", lines
@@ -487,7 +487,7 @@ def test_each_run_has_one_page_that_matches_its_state(generated, smoke, spec):
         if state == "failed":
             assert "{error}" in text and "**failed**" in text
             if spec.key == FAILING:
-                assert MISSING_WEIGHTS in text  # the one line of its error
+                assert BAD_WEIGHTS in text  # the one line of its error
             assert f"--only {spec.key} --force -p pretrained false" in text
         else:
             assert "**Not run yet**" in text and f"--only {spec.key} --force" in text

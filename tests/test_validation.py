@@ -237,11 +237,11 @@ def test_a_setting_no_selected_run_reads_is_refused(tmp_path, capsys, no_noteboo
     assert "the selected runs are frozen_svm, classical (frozen_svm: the frozen SVM trains no network" in err
 
 
-def _valid_value(name: str, regime: str, model: str, dataset: str):
-    """A value of ``name`` other than the profile's, where the schema allows one."""
+def _valid_value(name: str, regime: str, model: str, dataset: str, folder: Path):
+    """A value of ``name`` other than the profile's, where the schema allows one (a file made in ``folder``)."""
     current = config.resolve(regime, model, dataset, "smoke")[name]
     s = config.SCHEMA[name]
-    candidates = {"bool": [not current], "int": [3, 224], "float": [0.5], "path": ["/some/weights.pth"],
+    candidates = {"bool": [not current], "int": [3, 224], "float": [0.5], "path": [_touch(folder / "weights.pth")],
                   "list": [["mlp"]], "str": [c for c in config._choices(s, model) if c != current]}[s.kind]
     if s.none is not None and current is not None:
         candidates.append(config.NONE)
@@ -254,11 +254,25 @@ def _valid_value(name: str, regime: str, model: str, dataset: str):
     return current
 
 
+def _touch(path: Path) -> str:
+    path.write_bytes(b"")
+    return str(path)
+
+
+def test_a_missing_weights_file_is_refused_before_anything_runs(tmp_path, capsys, no_notebooks):
+    missing = tmp_path / "nowhere" / "alexnet.pth"
+    code, err = run_cli(tmp_path, capsys, "--only", "cifar10/alexnet/full", "-p", "weights_path", str(missing))
+    assert code == 2
+    assert f"weights_path={str(missing)!r}: no such file ({missing}); check the path" in err
+    assert "weights_path takes the path of an existing file" in err
+    assert not list(tmp_path.rglob("*.running"))  # refused before any run folder was made
+
+
 @pytest.mark.parametrize("name", sorted(config.SCHEMA))
 def test_every_accepted_setting_reaches_the_notebook_of_each_run_that_reads_it(name, tmp_path):
     for regime, model, dataset in ALL_RUNS:
         spec = RunSpec(dataset, model, regime)
-        value = _valid_value(name, config.readers(name)[0], model, dataset)
+        value = _valid_value(name, config.readers(name)[0], model, dataset, tmp_path)
         final = runner.run_dir_for(tmp_path, "smoke", spec)
         if regime in config.readers(name):
             params = runner.notebook_parameters(spec, "smoke", tmp_path, final, tmp_path, {name: value})

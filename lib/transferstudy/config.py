@@ -91,6 +91,7 @@ class Setting:
     words: tuple[str, ...] = ()
     per_model: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     per_dataset_high: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    exists: bool = False  # a path: the file must be there when the setting is checked
 
 
 def _subset(split: str, cifar: tuple[int, str], fer: tuple[int, str]) -> Setting:
@@ -106,7 +107,7 @@ SCHEMA: dict[str, Setting] = {
                           per_model={"deit_base": (224,)}),
     "pretrained": Setting("bool", "ImageNet weights (true) or random initialisation (false)"),
     "weights_path": Setting("path", "an ImageNet state-dict file, for machines without network access",
-                            none="ImageNet weights from torchvision / timm or their caches"),
+                            none="ImageNet weights from torchvision / timm or their caches", exists=True),
     "n_train": _subset("train", (40000, "CIFAR-10's 50,000 training images less the 20% validation hold-out"),
                        _FER_TRAIN),
     "n_val": _subset("validation", (10000, "the 20% of CIFAR-10's training images held out"), _FER_TRAIN),
@@ -212,6 +213,8 @@ def _allowed_value(s: Setting, model: str | None, dataset: str | None, bound: bo
                    ([f"{'<' if s.high_open else '<='} {_num(high)}"] if high is not None else [])
             text = f"{kind} {' and '.join(ends)}".strip()
         return f"{text} ({why})" if why else text
+    if s.kind == "path" and s.exists:
+        return "the path of an existing file"
     return _KIND_NAMES.get(s.kind, "any value")
 
 
@@ -290,6 +293,8 @@ def check_value(name: str, value: Any, model: str | None = None, dataset: str | 
             value = str(value)
         if not isinstance(value, str) or not value.strip():
             raise bad("not a file path")
+        if s.exists and not Path(value).expanduser().is_file():
+            raise bad(f"no such file ({Path(value).expanduser().resolve()}); check the path")
         return value
     if s.kind == "str":
         if not isinstance(value, str):

@@ -8,6 +8,8 @@ five notebooks run every regime through the same code. A notebook opens its run 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,13 +153,26 @@ class Session:
                                label_smoothing=cfg["label_smoothing"], patience=cfg["patience"],
                                monitor=cfg["monitor"], seed=cfg["seed"],
                                soft_targets=cfg["label_rule"] == "votes", micro_batch_size=cfg["micro_batch_size"],
-                               log=self.log, on_epoch=reporter)
+                               log=self.log, on_epoch=reporter, resume=self.train_state())
         self.recorder.save_curves(history.to_frame().reset_index())
         self.recorder.meta.update(best_epoch=history.best_epoch, epochs_run=len(history.epochs),
-                                  stopped_early=history.stopped_early)
+                                  stopped_early=history.stopped_early, resumed_from_epoch=history.resumed_from)
         if reporter is not None and reporter.pruned_epoch is not None:
             self.recorder.meta.update(pruned_epoch=reporter.pruned_epoch)
         return history
+
+    def train_state(self) -> training.TrainState:
+        """Where :meth:`fit` keeps its state at the end of every epoch, so that the same run killed midway
+        (``kill -9``, a Colab disconnect) goes on from its last finished epoch when it is started again.
+
+        It lives in the feature cache's ``resume/`` folder, named by everything that makes the run's training
+        what it is (regime, settings, split, starting weights); :meth:`finish` deletes it.
+        """
+        identity = {"regime": self.regime, "cfg": self.cfg, "split": self.data.split_hash, "weights": self.weights_id()}
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+        folder = (self.cache_dir or Path.home() / ".cache" / "transferstudy") / "resume"
+        name = f"{self.cfg['dataset']}-{self.cfg['model']}-{self.regime}-{key[:12]}"
+        return training.TrainState(folder, name, key)
 
     def evaluate(self, predict_val: tuple[np.ndarray, np.ndarray], predict_test: tuple[np.ndarray, np.ndarray],
                  classifier: str = "head") -> dict[str, Any]:
@@ -197,8 +212,11 @@ class Session:
     def finish(self, trainable: int, total: int, **meta: Any) -> dict[str, Any]:
         """Write meta.json: the run is complete. Call it last."""
         prov = results.provenance(str(self.device), self.cfg["pretrained"])
-        return self.recorder.finish(trainable=int(trainable), total=int(total), classes=list(self.classes),
+        done = self.recorder.finish(trainable=int(trainable), total=int(total), classes=list(self.classes),
                                     **prov, **meta)
+        if "epochs" in self.cfg:  # a trained regime: its resumable state is no longer needed
+            self.train_state().clear()
+        return done
 
 
 def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | None = None,

@@ -12,8 +12,11 @@ on CPU it runs plain fp32. Under ``torch.distributed`` (torchrun, see :mod:`tran
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import os
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -142,6 +145,7 @@ class History:
     best_metric: float
     stopped_early: bool
     seconds: float
+    resumed_from: int = 0
 
     def to_frame(self) -> pd.DataFrame:
         """The per-epoch table, indexed by the 1-based epoch number."""
@@ -155,7 +159,8 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
         device: str | torch.device, label_smoothing: float = 0.0, patience: int | None = None,
         monitor: str = "val_loss", checkpoint_path: str | Path | None = None, seed: int = 42,
         soft_targets: bool = False, micro_batch_size: int | None = None, log: Callable[[str], Any] = print,
-        progress: bool = False, on_epoch: EpochCallback | None = None) -> History:
+        progress: bool = False, on_epoch: EpochCallback | None = None,
+        resume: TrainState | None = None) -> History:
     """Train ``model`` on ``train``, validate on ``val`` each epoch, and restore the best epoch.
 
     The best epoch by ``monitor`` (lowest ``val_loss`` or highest ``val_acc``) is kept in memory,
@@ -182,6 +187,12 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
     ranks, padded to a multiple of ``world`` like DistributedSampler) and DDP averages the gradients,
     so a step equals the single-process step on the same batch. Metrics are reduced over the ranks;
     rank 0 alone writes the checkpoint and calls ``on_epoch``.
+
+    With a :class:`TrainState` as ``resume``, the whole training state (weights, optimiser, schedule, AMP
+    scaler, every RNG, early stopping and the best epoch so far) is written atomically at the end of every
+    epoch, and a state left there by a killed run with the same ``resume.key`` is loaded first: training
+    goes on from the epoch after it, and on CPU ends exactly as an uninterrupted run would.
+    ``History.resumed_from`` is the epoch it went on from (0: a fresh start).
     """
     if monitor not in MONITORS:
         raise ValueError(f"monitor {monitor!r} is unknown; choose one of {MONITORS}")
@@ -204,16 +215,34 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
     seed_everything(seed + rank)  # augmentation and dropout differ per rank; the shuffle below does not
     shuffle = torch.Generator().manual_seed(seed)
     model.to(device)
-    net = model if world == 1 else DistributedDataParallel(
-        model, device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
-        if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     maximize = monitor == "val_acc"
     best_metric, best_epoch, best_state, stale = -math.inf if maximize else math.inf, 0, None, 0
     initial: dict[str, torch.Tensor] | None = _cpu_state(model)  # restored if it diverges before an epoch finished
     rows: list[dict[str, float]] = []
     last_finite: tuple[float, int, int] | None = None  # (loss, epoch, step) of the last finite training step
-    global_step = 0
+    global_step, first, finished, elapsed = 0, 1, False, 0.0
+    if resume is not None:
+        resume.key = _resume_key(resume.key, n=n, epochs=epochs, batch_size=batch_size, world=world, monitor=monitor,
+                                 patience=patience, seed=seed, soft_targets=soft_targets)
+        saved = resume.load(rank, world, device, log)
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(saved["scheduler"])
+            if scaler.is_enabled() and saved["scaler"]:
+                scaler.load_state_dict(saved["scaler"])
+            _set_rng(saved["rng"], shuffle)
+            rows, best_epoch, stale, global_step = saved["rows"], saved["best_epoch"], saved["stale"], saved["global_step"]
+            best_metric, finished, elapsed = saved["best_metric"], saved["finished"], saved["elapsed"]
+            last_finite = tuple(saved["last_finite"]) if saved["last_finite"] is not None else None
+            best_state = saved["best"] if saved["best"] is not None else (_cpu_state(model) if best_epoch else None)
+            initial = None if best_state is not None else initial
+            first = len(rows) + 1
+    net = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda" else None)
 
     def diverged(phase: str, epoch: int, step: int, steps: int, losses: list[float]) -> TrainingDiverged:
         """Restore the best (or initial) weights and build the error naming where it diverged."""
@@ -245,8 +274,8 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
                                 ranks=bad_ranks if phase == "train" else [],
                                 restored="best" if best_state is not None else "initial", epochs=list(rows))
 
-    start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    start = time.perf_counter() - elapsed
+    for epoch in range(first, epochs + 1 if not finished else first):
         tick = time.perf_counter()
         net.train()
         order = _shard(torch.randperm(n, generator=shuffle), batch_size, rank, world)
@@ -295,16 +324,145 @@ def fit(model: nn.Module, train: Any, val: Any, *, preprocess: Preprocess, optim
         log(f"epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
             f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s"
             + ("  *best" if improved else ""))
+        stop = None
         if on_epoch is not None and _all_sum([rank == 0 and bool(on_epoch(epoch, row))], device)[0]:
-            log(f"stopped after epoch {epoch} by the on_epoch callback (a search pruned this trial)")
-            break
-        if patience is not None and stale >= patience and epoch < epochs:
-            log(f"early stop: no {monitor} improvement for {patience} epochs; best epoch {best_epoch}")
+            stop = f"stopped after epoch {epoch} by the on_epoch callback (a search pruned this trial)"
+        elif patience is not None and stale >= patience and epoch < epochs:
+            stop = f"early stop: no {monitor} improvement for {patience} epochs; best epoch {best_epoch}"
+        if resume is not None:
+            resume.save(rank, model=_cpu_state(model), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict() if scheduler is not None else None,
+                        scaler=scaler.state_dict() if scaler.is_enabled() else {}, rng=_get_rng(shuffle),
+                        rows=rows, best_epoch=best_epoch, best_metric=float(best_metric), stale=stale,
+                        best=best_state if best_epoch != epoch else None, global_step=global_step,
+                        last_finite=list(last_finite) if last_finite is not None else None,
+                        finished=stop is not None or epoch == epochs, elapsed=time.perf_counter() - start)
+        if stop is not None:
+            log(stop)
             break
     if best_state is not None:
         model.load_state_dict(best_state)
     return History(epochs=rows, best_epoch=best_epoch, best_metric=float(best_metric),
-                   stopped_early=len(rows) < epochs, seconds=time.perf_counter() - start)
+                   stopped_early=len(rows) < epochs, seconds=time.perf_counter() - start,
+                   resumed_from=first - 1 if resume is not None else 0)
+
+
+class TrainState:
+    """Where :func:`fit` keeps its resumable state: one file per rank in ``folder``, the newest epoch only.
+
+    A file is ``<name>.r<rank>.e<epoch>.<sha256 prefix>.pt``, written to a temporary name and renamed in
+    one step, so a kill at any moment leaves the previous epoch's file or the new one, never a part. Its
+    name carries the first 16 hex digits of its SHA-256: a file whose bytes do not match (truncated,
+    altered) is reported, deleted and not used, and so is one written for other settings (``key``). Rank 0's
+    file holds everything; another rank's holds only its own RNG states (augmentation and dropout differ
+    per rank), and every rank reads rank 0's (one shared file system, as on one machine).
+    """
+
+    FORMAT = 1
+
+    def __init__(self, folder: str | Path, name: str, key: str) -> None:
+        self.folder, self.name, self.key = Path(folder), name, key
+
+    def files(self, rank: int | None = None) -> list[Path]:
+        """This state's files of ``rank`` (every rank: None), newest epoch first."""
+        pattern = f"{self.name}.r{'*' if rank is None else rank}.e*.pt"
+        return sorted(self.folder.glob(pattern), key=lambda p: p.name.split(".")[-3], reverse=True)
+
+    def save(self, rank: int, **state: Any) -> Path:
+        """Write this epoch's state of ``rank`` (rank 0: all of it; others: their ``rng``) and drop older ones."""
+        epoch = len(state["rows"])
+        payload = {"format": self.FORMAT, "key": self.key, "epoch": epoch,
+                   **(state if rank == 0 else {"rng": state["rng"]})}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{self.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            path = self.folder / f"{self.name}.r{rank}.e{epoch:04d}.{_sha256_file(Path(tmp))[:16]}.pt"
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        for old in self.files(rank):
+            if old != path:
+                old.unlink(missing_ok=True)
+        return path
+
+    def _read(self, rank: int, log: Callable[[str], Any]) -> dict[str, Any] | None:
+        """The newest sound state file of ``rank``; damaged or foreign ones are reported and deleted."""
+        for path in self.files(rank):
+            why = None
+            if _sha256_file(path)[:16] != path.name.split(".")[-2]:
+                why = "its bytes do not match the checksum in its name (truncated or altered)"
+            else:
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+                    why = f"it cannot be read ({type(exc).__name__}: {exc})"
+                else:
+                    if not isinstance(state, dict) or state.get("format") != self.FORMAT:
+                        why = f"it is not a training state of format {self.FORMAT}"
+                    elif state.get("key") != self.key:
+                        why = "it was written for other settings"
+                    else:
+                        return state
+            log(f"resume: {path} is not used and was deleted: {why}")
+            path.unlink(missing_ok=True)
+        return None
+
+    def load(self, rank: int, world: int, device: torch.device, log: Callable[[str], Any]) -> dict[str, Any] | None:
+        """The state to go on from, or None for a fresh start (every rank agrees on which)."""
+        state = self._read(0, log)
+        if state is not None and rank > 0:
+            own = self._read(rank, log)
+            state = {**state, "rng": own["rng"]} if own is not None and own["epoch"] == state["epoch"] else None
+        epochs = _all_sum([state["epoch"] if state is not None else -1], device) if world > 1 else None
+        if epochs is not None and epochs[0] != world * (state["epoch"] if state is not None else -1):
+            log("resume: the ranks' saved states are not all of the same epoch; starting from epoch 1")
+            return None
+        if state is not None:
+            log(f"resume: going on after epoch {state['epoch']} from {self.folder / self.files(0)[0].name}")
+        return state
+
+    def clear(self) -> None:
+        """Delete every rank's state (the run finished)."""
+        for path in self.files():
+            path.unlink(missing_ok=True)
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _resume_key(key: str, **settings: Any) -> str:
+    """``key`` (what the caller says identifies the run) with what :func:`fit` itself was given."""
+    return hashlib.sha256(f"{key}|{sorted(settings.items())}".encode()).hexdigest()
+
+
+def _get_rng(shuffle: torch.Generator) -> dict[str, Any]:
+    """Every RNG state a training epoch draws from, as tensors and plain values (``weights_only`` loads them)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss], "shuffle": shuffle.get_state(), "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng(rng: dict[str, Any], shuffle: torch.Generator) -> None:
+    version, mt, gauss = rng["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    shuffle.set_state(rng["shuffle"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
