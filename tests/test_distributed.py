@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -126,21 +128,45 @@ def test_uneven_global_batch_is_refused_with_the_fix(monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_partial_fine_tune_writes_one_run_on_rank_zero(tmp_path):
+def test_torchrun_runs_the_notebook_on_every_rank_and_a_killed_run_resumes(tmp_path):
+    """torchrun executes the partial fine-tune's own notebook on 2 gloo ranks; killed after its first epoch
+    (every process, kernels included), the same command takes over the lock, goes on from epoch 1 on both
+    ranks and writes one run folder from rank 0."""
+    import psutil
+
     root = tmp_path / "data"
     write_cifar_imagefolder(root / "cifar10", 5, 1)
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
            "-m", "transferstudy.distributed", "--regime", "partial", "--model", "alexnet", "--dataset", "cifar10",
-           "--profile", "smoke", "--data-root", str(root), "--runs-dir", str(runs), "-p", "pretrained", "false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+           "--profile", "smoke", "--data-root", str(root), "--runs-dir", str(runs), "-p", "pretrained", "false",
+           "-p", "epochs", "2", "-p", "augment", "light"]  # augmented: trains through the network, not the cache
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    state = runs / ".cache" / "resume"
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while len(list(state.glob("*.e0001.*.pt"))) < WORLD and time.monotonic() < deadline:
+        assert first.poll() is None, first.communicate()[0][-3000:]
+        time.sleep(0.05)
+    everyone = psutil.Process(first.pid)
+    for proc in [everyone, *everyone.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    first.communicate(timeout=60)
     run = runs / "smoke" / "cifar10" / "alexnet" / "partial"
+    assert not (run / "meta.json").exists()
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = results.read_json(run / "meta.json")
     assert meta["status"] == "ok" and meta["world_size"] == WORLD and meta["backend"] == "gloo"
+    assert meta["resumed_from_epoch"] == 1 and meta["epochs_run"] == 2
+    assert "took over the lock" in proc.stdout and "an interrupted run was left in partial.running" in proc.stdout
     assert (run / "bundle" / "checkpoint.pt").is_file() and not run.with_name("partial.running").exists()
-    assert len((run / "curves.csv").read_text().splitlines()) == 2  # header + the smoke profile's one epoch
+    assert len((run / "curves.csv").read_text().splitlines()) == 3  # header + 2 epochs, the first from the state
+    assert not list(state.iterdir())  # the finished run's state is gone
+    nb = (run / "notebook.ipynb").read_text()
+    assert "going on after epoch 1" in nb  # the notebook's own fit resumed
     table = report.collect(runs / "smoke")
     assert table[["regime", "status"]].values.tolist() == [["partial", "ok"]]
     assert proc.stdout.count("run folder:") == 1  # rank 0 alone reports and records
-

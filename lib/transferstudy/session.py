@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import config, data, evaluation, features, models, regimes, results, training
@@ -113,8 +114,14 @@ class Session:
             raise ValueError(f"prefix_features needs augment 'none' (got {self.cfg['augment']!r}): augmented "
                              "images change every epoch, so train through the whole network with run.fit(net)")
         splits = {"train": self.data.train, "val": self.data.val}
-        return features.prefix_splits(net, self.cfg["model"], self.regime, splits, weights_id=self.weights_id(),
+        rank, world = training._world()
+        if rank > 0:
+            dist.barrier()  # under torchrun rank 0 fills the feature cache first; the others then read it
+        acts = features.prefix_splits(net, self.cfg["model"], self.regime, splits, weights_id=self.weights_id(),
                                       cache_dir=self.cache_dir, **self._cache_args())
+        if rank == 0 and world > 1:
+            dist.barrier()
+        return acts
 
     def _cache_args(self) -> dict[str, Any]:
         """Preprocessing, batching, device and cache-key context shared by the feature-cache calls."""
@@ -212,11 +219,24 @@ class Session:
     def finish(self, trainable: int, total: int, **meta: Any) -> dict[str, Any]:
         """Write meta.json: the run is complete. Call it last."""
         prov = results.provenance(str(self.device), self.cfg["pretrained"])
+        rank, world = training._world()
+        if world > 1:
+            meta.update(world_size=world, backend=dist.get_backend())
         done = self.recorder.finish(trainable=int(trainable), total=int(total), classes=list(self.classes),
                                     **prov, **meta)
-        if "epochs" in self.cfg:  # a trained regime: its resumable state is no longer needed
+        if "epochs" in self.cfg and rank == 0:  # a trained regime: its resumable state is no longer needed
             self.train_state().clear()
         return done
+
+
+def join_process_group() -> None:
+    """Under torchrun (``WORLD_SIZE`` > 1 in the environment, which a notebook's kernel inherits), join its
+    process group: NCCL on the rank's own GPU, gloo on CPU. Alone, or already joined, do nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | None = None,
@@ -254,6 +274,7 @@ def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | 
     data_dir = Path(data_dir) if data_dir else default_data_dir(dataset)
     output_dir = Path(output_dir) if output_dir else Path("runs") / "manual" / profile / dataset / model / regime
     cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "transferstudy"
+    join_process_group()
     training.seed_everything(cfg["seed"])
     device = models.select_device()
     ds = data.load_dataset(dataset, data_dir, label_rule=cfg["label_rule"] if dataset == "ferplus" else None,
