@@ -538,9 +538,7 @@ def _preprocess_share(setup: _Setup, ds: data.DatasetSplits, seconds: float = 10
     pre = Preprocessor(size=224, mode=cfg["eval_mode"], policy=cfg["augment"],
                        channels_last=models.channels_last(args.model))
     regimes.apply_regime(net, args.model, "full")
-    opt = training.make_optimizer(regimes.param_groups(net, args.model, "full"), name=cfg["optimizer"],
-                                  lr={"backbone": cfg["lr_backbone"], "head": cfg["lr_head"]},
-                                  weight_decay=cfg["weight_decay"], momentum=cfg.get("momentum", 0.9))
+    opt = regimes.optimizer(net, args.model, "full", cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     batch = ds.train.images[:args.batch_size].to(device)
     labels = ds.train.labels[:args.batch_size].to(device)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from transferstudy.models import build_model, check_name, head
+from transferstudy.training import make_optimizer
 
 REGIMES = ("linear_probe", "partial", "full")
 
@@ -59,6 +60,14 @@ def param_groups(model: nn.Module, name: str, regime: str) -> dict[str, list[nn.
             f"call apply_regime(model, {name!r}, {regime!r}) first."
         )
     return groups
+
+
+def optimizer(model: nn.Module, name: str, regime: str, cfg: dict) -> torch.optim.Optimizer:
+    """The regime's optimiser from its settings ``cfg`` (``config.resolve``): one learning rate (``lr``) or
+    one per group (``lr_backbone``, ``lr_head``), weight decay, and momentum for SGD."""
+    lr = cfg["lr"] if "lr" in cfg else {"backbone": cfg["lr_backbone"], "head": cfg["lr_head"]}
+    return make_optimizer(param_groups(model, name, regime), name=cfg["optimizer"], lr=lr,
+                          weight_decay=cfg["weight_decay"], momentum=cfg["momentum"])
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

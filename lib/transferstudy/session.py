@@ -131,11 +131,7 @@ class Session:
 
     def optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
         """The regime's optimiser, with discriminative learning rates per parameter group."""
-        groups = regimes.param_groups(net, self.cfg["model"], self.regime)
-        cfg = self.cfg
-        lr = cfg["lr"] if "lr" in cfg else {"backbone": cfg["lr_backbone"], "head": cfg["lr_head"]}
-        return training.make_optimizer(groups, name=cfg["optimizer"], lr=lr, weight_decay=cfg["weight_decay"],
-                                       momentum=cfg.get("momentum", 0.9))
+        return regimes.optimizer(net, self.cfg["model"], self.regime, self.cfg)
 
     def fit(self, net: nn.Module, train: Any = None, val: Any = None, preprocess: Any = None,
             module: nn.Module | None = None) -> training.History:
