@@ -3,6 +3,8 @@
 Run pages are generated copies (``book/_generated/runs/<dataset>-<model>-<regime>.ipynb``) that the
 repository does not hold; sphinx-book-theme would link Colab to that missing path. This points it at
 ``notebooks/<regime's notebook>`` instead, whose parameters cell takes the page's model and dataset.
+It only swaps the path at the end of the theme's URL: the repository's address and branch in front of it come
+from ``_config.yml`` (``repository.url``, ``repository.branch``), the one place they are written.
 """
 
 from __future__ import annotations
