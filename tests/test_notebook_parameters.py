@@ -15,11 +15,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from transferstudy import config, session
+from transferstudy import config, regimes, session
 from transferstudy.runner import NOTEBOOK_DIR, NOTEBOOKS
 
 REGIMES = config.NOTEBOOK_REGIMES
 SESSION_SOURCE = Path(session.__file__)
+REGIMES_SOURCE = Path(regimes.__file__)
 
 
 def notebook(regime: str) -> nbformat.NotebookNode:
@@ -198,21 +199,25 @@ def _is_cfg(node: ast.AST) -> bool:
 
 
 def _session_functions() -> dict[str, tuple[set[str], set[str]]]:
-    """Each function of session.py -> (the settings it reads from cfg, the ``self.`` names it uses)."""
+    """Each function of session.py -> (the settings it reads from cfg, the ``self.`` names it uses), and each
+    function of regimes.py that session.py hands its settings to, as ``regimes.<name>``."""
     functions = {}
-    for node in ast.walk(ast.parse(SESSION_SOURCE.read_text())):
-        if not isinstance(node, ast.FunctionDef):
-            continue
-        reads, uses = set(), set()
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.Subscript) and _is_cfg(sub.value) and isinstance(sub.slice, ast.Constant):
-                reads.add(sub.slice.value)  # cfg["x"], self.cfg["x"]
-            elif (isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr == "get"
-                  and _is_cfg(sub.func.value) and sub.args and isinstance(sub.args[0], ast.Constant)):
-                reads.add(sub.args[0].value)  # cfg.get("x", default)
-            elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self":
-                uses.add(sub.attr)
-        functions[node.name] = (reads, uses)
+    for source, prefix in ((SESSION_SOURCE, ""), (REGIMES_SOURCE, "regimes.")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            reads, uses = set(), set()
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Subscript) and _is_cfg(sub.value) and isinstance(sub.slice, ast.Constant):
+                    reads.add(sub.slice.value)  # cfg["x"], self.cfg["x"]
+                elif (isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr == "get"
+                      and _is_cfg(sub.func.value) and sub.args and isinstance(sub.args[0], ast.Constant)):
+                    reads.add(sub.args[0].value)  # cfg.get("x", default)
+                elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self":
+                    uses.add(sub.attr)
+                elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "regimes":
+                    uses.add(f"regimes.{sub.attr}")  # regimes.optimizer(net, ..., self.cfg)
+            functions[prefix + node.name] = (reads, uses)
     return functions
 
 

@@ -38,7 +38,10 @@ WILDCARDS = ("all", "common")
 IDENTITY = ("regime", "model", "dataset", "profile")  # what resolve adds to every run's settings
 # Which run and where, in every regime notebook; not settings.
 RUN_NAMES = ("model", "dataset", "profile", "data_dir", "output_dir", "cache_dir")
-SOURCE_NAMES = {"classical": ("source_dir",)}  # the run folder of the fine-tune whose model it reads
+# Where a regime reads its inputs from besides the data, in its notebook only: the classical regime's fine-tune
+# (its run folder), and the classroom pack that replaces the images and the backbone pass of the frozen
+# regimes (`transferstudy classroom-pack`; papermill -p features_pack PACK, None: the images).
+SOURCE_NAMES = {"classical": ("source_dir",), "frozen_svm": ("features_pack",), "linear_probe": ("features_pack",)}
 
 # Settings a regime has (every regime has the `common` ones) but never reads, so its notebook's
 # parameters cell leaves them out; an override of one is accepted (a `-p` for the whole matrix)
@@ -478,6 +481,9 @@ _RUN_NAME_HINTS = {
     "output_dir": "choose the results store with --runs-dir; each run's folder is <runs-dir>/<profile>/<dataset>/<model>/<regime>",
     "cache_dir": "the feature cache is <runs-dir>/.cache",
     "source_dir": "the classical regime reads the fine-tune beside it in the results store; -p source_regime picks which",
+    "features_pack": "a classroom pack replaces one notebook's images: give it to that notebook, e.g. papermill "
+                     "notebooks/02_linear_probe.ipynb out.ipynb -p features_pack PACK -p model alexnet -p dataset "
+                     "cifar10 -p profile quick (README, \"Classroom pack\")",
 }
 
 RunKey = tuple[str, str, str]  # (regime, model, dataset)

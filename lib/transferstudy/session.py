@@ -41,6 +41,7 @@ class Session:
     cache_dir: Path | None
     log: Any = print
     notes: list[str] = field(default_factory=list)
+    resume: training.TrainState | None = None  # where fit keeps its state; finish deletes it
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -151,12 +152,13 @@ class Session:
         from .trials import trial_reporter  # reports each epoch when this run is a `transferstudy search` trial
 
         reporter = trial_reporter()
+        self.resume = self.train_state()
         history = training.fit(module if module is not None else net, train, val, preprocess=preprocess, optimizer=opt, scheduler=sched,
                                epochs=cfg["epochs"], batch_size=cfg["batch_size"], device=self.device,
                                label_smoothing=cfg["label_smoothing"], patience=cfg["patience"],
                                monitor=cfg["monitor"], seed=cfg["seed"],
                                soft_targets=cfg["label_rule"] == "votes", micro_batch_size=cfg["micro_batch_size"],
-                               log=self.log, on_epoch=reporter, resume=self.train_state())
+                               log=self.log, on_epoch=reporter, resume=self.resume)
         self.recorder.save_curves(history.to_frame().reset_index())
         self.recorder.meta.update(best_epoch=history.best_epoch, epochs_run=len(history.epochs),
                                   stopped_early=history.stopped_early, resumed_from_epoch=history.resumed_from)
@@ -220,8 +222,8 @@ class Session:
             meta.update(world_size=world, backend=dist.get_backend())
         done = self.recorder.finish(trainable=int(trainable), total=int(total), classes=list(self.classes),
                                     **prov, **meta)
-        if "epochs" in self.cfg and rank == 0:  # a trained regime: its resumable state is no longer needed
-            self.train_state().clear()
+        if self.resume is not None and rank == 0:  # the run trained: its resumable state is no longer needed
+            self.resume.clear()
         return done
 
 
@@ -238,12 +240,13 @@ def join_process_group() -> None:
 def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | None = None,
           dataset: str | None = None, data_dir: str | Path | None = None, profile: str | None = None,
           output_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-          source_dir: str | Path | None = None, overrides: dict[str, Any] | None = None,
-          log: Any = print) -> Session:
+          source_dir: str | Path | None = None, features_pack: str | Path | None = None,
+          overrides: dict[str, Any] | None = None, log: Any = print) -> Session:
     """Resolve the settings, load the data (with its fixed split), and open the run's folder.
 
     A notebook passes its namespace, ``session.start("linear_probe", globals())``: the run's names
-    (model, dataset, profile, data_dir, output_dir, cache_dir; source_dir for classical) and every
+    (model, dataset, profile, data_dir, output_dir, cache_dir; source_dir for classical; features_pack, a
+    classroom pack that stands in for the images, for frozen_svm and linear_probe) and every
     setting of the regime are taken from it (:func:`config.from_namespace`), so a parameter is written
     once, in the ``parameters`` cell. Other callers give the same as keywords, the settings as
     ``overrides``. A setting left at None keeps the profile's value; ``profile`` None means ``full``.
@@ -251,7 +254,8 @@ def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | 
     if namespace is not None:
         given = [name for name, value in (("model", model), ("dataset", dataset), ("data_dir", data_dir),
                                           ("profile", profile), ("output_dir", output_dir), ("cache_dir", cache_dir),
-                                          ("source_dir", source_dir), ("overrides", overrides)) if value is not None]
+                                          ("source_dir", source_dir), ("features_pack", features_pack),
+                                          ("overrides", overrides)) if value is not None]
         if given:
             raise TypeError(f"start({regime!r}, namespace, {given[0]}=...): give the run either as a namespace "
                             f"(a notebook's globals()) or as keywords, not both")
@@ -273,14 +277,22 @@ def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | 
     join_process_group()
     training.seed_everything(cfg["seed"])
     device = models.select_device()
-    ds = data.load_dataset(dataset, data_dir, label_rule=cfg["label_rule"] if dataset == "ferplus" else None,
-                           val_source=cfg["val_source"], n_train=cfg["n_train"], n_val=cfg["n_val"],
-                           n_test=cfg["n_test"], seed=cfg["seed"])
+    session_class = Session
+    if features_pack is not None:  # the split, labels and features of a classroom pack, no images (classroom.py)
+        from .classroom import PackSession, open_pack
+
+        ds, session_class = open_pack(features_pack, regime, cfg), PackSession
+    else:
+        ds = data.load_dataset(dataset, data_dir, label_rule=cfg["label_rule"] if dataset == "ferplus" else None,
+                               val_source=cfg["val_source"], n_train=cfg["n_train"], n_val=cfg["n_val"],
+                               n_test=cfg["n_test"], seed=cfg["seed"])
     paths = {"data_dir": str(data_dir)}
     if "source_dir" in config.run_names(regime):
         paths["source_dir"] = str(source_dir) if source_dir else None
+    if features_pack is not None:
+        paths["features_pack"] = str(features_pack)
     recorder = results.RunRecorder(output_dir, {**cfg, **paths})
     recorder.save_split(ds.split_hash, ds.split_indices, ds.info)
-    session = Session(regime, cfg, ds, device, recorder, cache_dir, log)
+    session = session_class(regime, cfg, ds, device, recorder, cache_dir, log)
     log(f"{regime} · {model} · {dataset}: {session.provenance_line().replace('*', '').replace('`', '')}")
     return session
