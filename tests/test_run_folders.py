@@ -6,6 +6,7 @@ Plain folders and a stand-in for the notebook step: no notebook is executed here
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -303,3 +304,10 @@ def test_a_runner_holding_the_lock_is_waited_for_and_a_classical_run_locks_its_f
         holder.kill()
         holder.wait()
     assert not final.with_name("full.lock").exists()
+
+
+def test_atomically_written_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
+    results.atomic_write_bytes(tmp_path / "metrics.json", b"{}")
+    with open(tmp_path / "plain.json", "wb"):  # what open() makes under this process's umask
+        pass
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777

@@ -33,12 +33,17 @@ def peak_rss_mb(who: str = "self") -> float:
     return usage / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the process's umask, which a plain open() would apply
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write a file so that readers see the old content or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); results are shared like any file
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
         os.replace(tmp, path)
