@@ -299,3 +299,16 @@ def test_prefix_splits_need_a_split():
     with pytest.raises(ValueError, match="at least one split"):
         features.prefix_splits(net, "alexnet", "partial", {}, weights_id=None, cache_dir=None, preprocess=PRE,
                                batch_size=2, device="cpu")
+
+
+def test_each_starting_point_has_its_own_cache_key_and_the_run_records_it(tmp_path, cifar_dir):
+    weights = tmp_path / "w.pth"
+    torch.save(smoke_session(tmp_path / "a", cifar_dir).build_model().state_dict(), weights)
+    keys, inits = set(), []
+    for init in ("imagenet", "stats", "random"):
+        run = smoke_session(tmp_path / init, cifar_dir, regime="partial", pretrained=init != "random",
+                            weights_path=str(weights) if init != "random" else None, init=init)
+        keys.add(run.weights_id())
+        run.build_model()
+        inits.append(run.recorder.meta["init"])
+    assert len(keys) == 3 and inits == ["imagenet", "stats", "random"]

@@ -254,3 +254,67 @@ def test_deit_weights_unavailable_says_what_to_place(empty_caches: Path) -> None
     assert "timm/deit_base_patch16_224.fb_in1k" in message and str(empty_caches / "hf") in message
     assert "deit_base_patch16_224-b5f2ef4d.pth" in message and "weights_path" in message
     assert "pretrained=False" in message and "-p pretrained false" in message
+
+
+# --- init: weight transfer, statistics transfer, random ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def alexnet_file(built, tmp_path_factory) -> Path:
+    """An ImageNet-shaped AlexNet state dict on disk: the source tensors (weights_path, as offline)."""
+    path = tmp_path_factory.mktemp("weights") / "alexnet.pth"
+    state = imagenet_state(built["alexnet"], "alexnet")
+    with torch.no_grad():  # give each tensor its own mean and spread, so matching them is not trivial
+        for i, key in enumerate(sorted(state)):
+            state[key] = state[key] * (1 + i / 4) + i / 10
+    torch.save(state, path)
+    return path
+
+
+def test_statistics_transfer_draws_every_tensor_from_its_source_tensors_mean_and_std(alexnet_file) -> None:
+    source = torch.load(alexnet_file, weights_only=True)
+    def build(init: str, seed: int = 0) -> torch.nn.Module:
+        torch.manual_seed(0)  # the fresh head's initialisation, as the session seeds it
+        return build_model("alexnet", 10, weights_path=alexnet_file, init=init, seed=seed)
+
+    wt, st, again, other = build("imagenet"), build("stats", 3), build("stats", 3), build("stats", 4)
+    for key, drawn in st.state_dict().items():
+        assert torch.equal(drawn, again.state_dict()[key])  # one draw per seed
+        assert not torch.equal(drawn, other.state_dict()[key])
+        if key.startswith("classifier.6."):
+            continue  # the fresh 10-way head has no ImageNet tensor; it is drawn from its own statistics
+        assert not torch.equal(drawn, wt.state_dict()[key])  # not the weights themselves
+        ref = source[key].double()
+        tol = 4 * ref.std().item() / drawn.numel() ** 0.5 + 1e-6  # the sampling error of a mean of n draws
+        assert abs(drawn.double().mean().item() - ref.mean().item()) < tol, key
+        assert drawn.double().std().item() == pytest.approx(ref.std().item(), rel=0.1 if drawn.numel() < 1000 else 0.02)
+
+
+def test_random_init_is_the_architectures_own_and_ignores_pretrained(alexnet_file) -> None:
+    torch.manual_seed(5)
+    expected = build_model("alexnet", 10, pretrained=False).state_dict()
+    torch.manual_seed(5)
+    got = build_model("alexnet", 10, pretrained=True, init="random").state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_statistics_transfer_needs_source_weights_and_init_is_checked() -> None:
+    with pytest.raises(ValueError, match="init='stats' draws from the ImageNet tensors' statistics"):
+        build_model("alexnet", 10, pretrained=False, init="stats")
+    with pytest.raises(ValueError, match="init='transfer' is unknown"):
+        build_model("alexnet", 10, pretrained=False, init="transfer")
+
+
+def test_init_settings_that_cannot_apply_are_refused_before_a_run(alexnet_file) -> None:
+    from transferstudy import config
+
+    assert config.resolve("full", "alexnet", "cifar10", "smoke")["init"] == "imagenet"
+    with pytest.raises(config.ConfigError, match="pretrained is false, so there are none"):
+        config.resolve("full", "alexnet", "cifar10", "smoke", {"init": "stats", "pretrained": False})
+    with pytest.raises(config.ConfigError, match="weights_path=.* would not be read"):
+        config.resolve("partial", "alexnet", "cifar10", "smoke", {"init": "random", "weights_path": str(alexnet_file)})
+    with pytest.raises(config.ConfigError, match="not a setting of the linear_probe regime"):
+        config.resolve("linear_probe", "alexnet", "cifar10", "smoke", {"init": "stats"})
+    cfg = config.resolve("full", "alexnet", "cifar10", "smoke", {"pretrained": False})
+    assert config.start_weights(cfg) == "random"  # pretrained false is init random
+    assert config.start_weights(config.resolve("frozen_svm", "alexnet", "cifar10", "smoke")) == "imagenet"

@@ -21,6 +21,8 @@ from transferstudy.runner import NOTEBOOK_DIR, NOTEBOOKS
 REGIMES = config.NOTEBOOK_REGIMES
 SESSION_SOURCE = Path(session.__file__)
 REGIMES_SOURCE = Path(regimes.__file__)
+CONFIG_SOURCE = Path(config.__file__)
+CHECKS_EVERY_SETTING = {"resolve", "check_value", "check_overrides"}  # config's checks look at settings they do not use
 
 
 def notebook(regime: str) -> nbformat.NotebookNode:
@@ -200,11 +202,11 @@ def _is_cfg(node: ast.AST) -> bool:
 
 def _session_functions() -> dict[str, tuple[set[str], set[str]]]:
     """Each function of session.py -> (the settings it reads from cfg, the ``self.`` names it uses), and each
-    function of regimes.py that session.py hands its settings to, as ``regimes.<name>``."""
+    function of regimes.py and config.py that session.py hands its settings to, as ``regimes.<name>``."""
     functions = {}
-    for source, prefix in ((SESSION_SOURCE, ""), (REGIMES_SOURCE, "regimes.")):
+    for source, prefix in ((SESSION_SOURCE, ""), (REGIMES_SOURCE, "regimes."), (CONFIG_SOURCE, "config.")):
         for node in ast.walk(ast.parse(source.read_text())):
-            if not isinstance(node, ast.FunctionDef):
+            if not isinstance(node, ast.FunctionDef) or (prefix == "config." and node.name in CHECKS_EVERY_SETTING):
                 continue
             reads, uses = set(), set()
             for sub in ast.walk(node):
@@ -215,8 +217,9 @@ def _session_functions() -> dict[str, tuple[set[str], set[str]]]:
                     reads.add(sub.args[0].value)  # cfg.get("x", default)
                 elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self":
                     uses.add(sub.attr)
-                elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "regimes":
-                    uses.add(f"regimes.{sub.attr}")  # regimes.optimizer(net, ..., self.cfg)
+                elif (isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name)
+                      and sub.value.id in ("regimes", "config")):
+                    uses.add(f"{sub.value.id}.{sub.attr}")  # regimes.optimizer(net, ..., self.cfg)
             functions[prefix + node.name] = (reads, uses)
     return functions
 

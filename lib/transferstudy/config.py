@@ -109,6 +109,9 @@ SCHEMA: dict[str, Setting] = {
     "image_size": Setting("int", "side of the network's input in pixels", low=63, high=1024,
                           per_model={"deit_base": (224,)}),
     "pretrained": Setting("bool", "ImageNet weights (true) or random initialisation (false)"),
+    "init": Setting("str", "a fine-tune's starting weights: imagenet (weight transfer), stats (statistics transfer: "
+                    "each tensor drawn from a normal with its ImageNet tensor's mean and std), random (the "
+                    "architecture's own initialisation; pretrained false says the same)", ("imagenet", "stats", "random")),
     "weights_path": Setting("path", "an ImageNet state-dict file, for machines without network access",
                             none="ImageNet weights from torchvision / timm or their caches", exists=True),
     "n_train": _subset("train", (40000, "CIFAR-10's 50,000 training images less the 20% validation hold-out"),
@@ -404,8 +407,23 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
             cfg[key] = check_value(key, value, model, dataset, kinds[key])
         except ConfigError as exc:
             raise ConfigError(f"parameter {exc}") from None
+    if cfg.get("init") == "stats" and not cfg["pretrained"]:
+        raise ConfigError("init='stats' draws each tensor from the statistics of its ImageNet tensor, but pretrained "
+                          "is false, so there are none: set pretrained true (and weights_path FILE offline), or "
+                          "init random for the architecture's own initialisation")
+    if cfg.get("init") == "random" and cfg["weights_path"]:
+        raise ConfigError(f"init='random' starts from the architecture's own initialisation, so weights_path="
+                          f"{cfg['weights_path']!r} would not be read: drop weights_path, or use init imagenet / stats")
     cfg.update(regime=regime, model=model, dataset=dataset, profile=profile)
     return cfg
+
+
+def start_weights(cfg: Mapping[str, Any]) -> str:
+    """Where a run's backbone starts: ``imagenet``, ``stats`` or ``random`` (``pretrained: false`` is ``random``;
+    the regimes without an ``init`` setting start from the ImageNet weights, or random ones)."""
+    if not cfg["pretrained"]:
+        return "random"
+    return cfg.get("init", "imagenet")
 
 
 def all_keys() -> set[str]:

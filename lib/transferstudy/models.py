@@ -42,16 +42,36 @@ def check_name(name: str) -> None:
         raise ValueError(f"Unknown model name={name!r}; choose one of {MODELS}.")
 
 
+INITS = ("imagenet", "stats", "random")
+
+
 def build_model(
-    name: str, num_classes: int, *, pretrained: bool = True, weights_path: str | Path | None = None
+    name: str, num_classes: int, *, pretrained: bool = True, weights_path: str | Path | None = None,
+    init: str = "imagenet", seed: int = 0,
 ) -> nn.Module:
     """Build `name` with a fresh `num_classes`-way head.
 
     pretrained=True: ImageNet weights from torchvision / timm (download or their caches), unless
     `weights_path` names a local state dict (ImageNet 1000-class head, or an already `num_classes`-way
     fine-tuned one, loaded as is). pretrained=False: random init, no file or network access.
+    `init` says what the network starts from: "imagenet" (those weights: weight transfer), "stats"
+    (statistics transfer: every tensor re-drawn from a normal with the mean and std of its ImageNet
+    tensor, norm layers at their defaults, drawn with `seed`; see `reuse.stats_init`) or "random"
+    (the architecture's own initialisation, as pretrained=False).
     """
     check_name(name)
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is unknown; choose one of {INITS}.")
+    if init == "random":
+        return build_model(name, num_classes, pretrained=False)
+    if init == "stats":
+        if not pretrained:
+            raise ValueError("init='stats' draws from the ImageNet tensors' statistics; it needs pretrained=True "
+                             "(and weights_path offline). For the architecture's own initialisation use init='random'.")
+        from .reuse import stats_init
+
+        model = build_model(name, num_classes, pretrained=True, weights_path=weights_path)
+        return stats_init(model, {k: v.detach().clone() for k, v in model.state_dict().items()}, seed)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
     if weights_path is not None:

@@ -54,8 +54,10 @@ class Session:
     # --- provenance --------------------------------------------------------------------
 
     def provenance_line(self) -> str:
-        weights = ("ImageNet-pretrained weights" if self.cfg["pretrained"]
-                   else "**random initialisation** (`pretrained: false`)")
+        weights = {"imagenet": "ImageNet-pretrained weights",
+                   "stats": "**statistics transfer** (`init: stats`: each tensor drawn from its ImageNet tensor's "
+                            "mean and std)",
+                   "random": "**random initialisation** (`pretrained: false` or `init: random`)"}[config.start_weights(self.cfg)]
         return (f"profile `{self.cfg['profile']}` · {weights} · device `{self.device}` · "
                 f"{len(self.data.train):,} train / {len(self.data.val):,} val / {len(self.data.test):,} test "
                 f"images · split `{self.data.split_hash}` · {_dt.date.today().isoformat()}")
@@ -83,17 +85,20 @@ class Session:
     def build_model(self) -> nn.Module:
         """The backbone with a fresh head; seeded, so random initialisation is the same in every regime."""
         torch.manual_seed(self.cfg["seed"])
+        init = config.start_weights(self.cfg)
         net = models.build_model(self.cfg["model"], len(self.classes), pretrained=self.cfg["pretrained"],
-                                 weights_path=self.cfg["weights_path"])
+                                 weights_path=self.cfg["weights_path"], init=init, seed=self.cfg["seed"])
+        self.recorder.meta["init"] = init
         return net.to(self.device)
 
     def weights_id(self) -> str:
         """What identifies the backbone's starting weights (part of the feature cache key)."""
-        if self.cfg["weights_path"]:
-            return "file:" + features.file_digest(self.cfg["weights_path"])
-        if self.cfg["pretrained"]:
-            return f"pretrained:{self.cfg['model']}"
-        return f"random:{self.cfg['model']}:seed{self.cfg['seed']}:torch{torch.__version__}"
+        init = config.start_weights(self.cfg)
+        if init == "random":
+            return f"random:{self.cfg['model']}:seed{self.cfg['seed']}:torch{torch.__version__}"
+        source = ("file:" + features.file_digest(self.cfg["weights_path"]) if self.cfg["weights_path"]
+                  else f"pretrained:{self.cfg['model']}")
+        return source if init == "imagenet" else f"stats-of-{source}:seed{self.cfg['seed']}:torch{torch.__version__}"
 
     def embeddings(self, net: nn.Module, kind: str, weights_id: str | None,
                    splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, np.ndarray]:
