@@ -313,6 +313,11 @@ def test_init_settings_that_cannot_apply_are_refused_before_a_run(alexnet_file) 
         config.resolve("full", "alexnet", "cifar10", "smoke", {"init": "stats", "pretrained": False})
     with pytest.raises(config.ConfigError, match="weights_path=.* would not be read"):
         config.resolve("partial", "alexnet", "cifar10", "smoke", {"init": "random", "weights_path": str(alexnet_file)})
+    with pytest.raises(config.ConfigError, match="pretrained is false: .* would not be read"):
+        config.resolve("linear_probe", "deit_base", "ferplus", "smoke",
+                       {"pretrained": False, "weights_path": str(alexnet_file)})
+    with pytest.raises(ValueError, match="given with init='random', which would not read it"):
+        build_model("alexnet", 10, weights_path=alexnet_file, init="random")
     with pytest.raises(config.ConfigError, match="not a setting of the linear_probe regime"):
         config.resolve("linear_probe", "alexnet", "cifar10", "smoke", {"init": "stats"})
     cfg = config.resolve("full", "alexnet", "cifar10", "smoke", {"pretrained": False})

@@ -411,9 +411,11 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
         raise ConfigError("init='stats' draws each tensor from the statistics of its ImageNet tensor, but pretrained "
                           "is false, so there are none: set pretrained true (and weights_path FILE offline), or "
                           "init random for the architecture's own initialisation")
-    if cfg.get("init") == "random" and cfg["weights_path"]:
-        raise ConfigError(f"init='random' starts from the architecture's own initialisation, so weights_path="
-                          f"{cfg['weights_path']!r} would not be read: drop weights_path, or use init imagenet / stats")
+    if cfg["weights_path"] and start_weights(cfg) == "random":
+        why = "pretrained is false" if not cfg["pretrained"] else "init='random'"
+        raise ConfigError(f"{why}: the run starts from the architecture's own initialisation, so weights_path="
+                          f"{cfg['weights_path']!r} would not be read: drop weights_path, or set pretrained true "
+                          f"(init imagenet or stats) to start from it")
     cfg.update(regime=regime, model=model, dataset=dataset, profile=profile)
     return cfg
 

@@ -63,6 +63,9 @@ def build_model(
     if init not in INITS:
         raise ValueError(f"init={init!r} is unknown; choose one of {INITS}.")
     if init == "random":
+        if weights_path is not None:
+            raise ValueError(f"weights_path={str(weights_path)!r} was given with init='random', which would not "
+                             "read it; drop weights_path, or use init='imagenet' / 'stats'.")
         return build_model(name, num_classes, pretrained=False)
     if init == "stats":
         if not pretrained:
