@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 PROFILE ?= quick
 DATA_DIR ?= data
 PRETRAINED ?= true
+RESULTS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: book test venv data chromium lock clean
@@ -28,10 +29,18 @@ data:
 # A failed run still gets its page (a note saying what failed); the book is built either way,
 # and `make book` then exits with the study's status. --all: Sphinx re-reads (so re-executes) only
 # pages whose source changed, and the chapters' sources do not change when the runs do.
-book: venv data
+# With RESULTS=BUNDLE.tar.gz the bundle is checked and unpacked into runs/bundle/ and the book is built
+# from it alone: no data step, no run (the Datasets and Errors pages read the bundle's data summary).
+book: venv $(if $(RESULTS),,data)
+ifeq ($(RESULTS),)
 	$(BIN)/transferstudy run --profile $(PROFILE) --data-root "$(DATA_DIR)" -p pretrained $(PRETRAINED); status=$$?; \
 	$(BIN)/transferstudy book-data --profile $(PROFILE) --data-root "$(DATA_DIR)" && \
 	$(BIN)/jupyter-book build . --all -n -W --keep-going && exit $$status
+else
+	$(BIN)/transferstudy import-results "$(RESULTS)" --to runs/bundle && \
+	$(BIN)/transferstudy book-data --results runs/bundle && \
+	$(BIN)/jupyter-book build . --all -n -W --keep-going
+endif
 
 # The book's browser test drives Debian's Chromium (Playwright is pointed at it; no browser is downloaded).
 chromium:

@@ -1,8 +1,12 @@
-"""Shared fixtures: small synthetic datasets in every layout, and the real data when this workplace has it."""
+"""Shared fixtures: small synthetic datasets in every layout, the real data when this workplace has it, and the
+smoke study that the book's tests (test_book.py) and the results bundles' (test_export.py) read."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,8 @@ from synthetic import (
     write_ferplus_kaggle,
     write_ferplus_microsoft,
 )
+
+from transferstudy import runner
 
 REPO = Path(__file__).resolve().parent.parent
 EXTRACT = REPO.parent / "shared" / "data" / "extract.sh"
@@ -52,3 +58,66 @@ def real_data_root() -> Path:
     if result.returncode != 0:
         pytest.fail(f"{EXTRACT} {dest} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
     return dest
+
+
+# --- the smoke study: built once per session, removed after the last test that reads it ------------------
+
+ONLY = "*/alexnet/*,cifar10/deit_base/frozen_svm,cifar10/deit_base/linear_probe"  # AlexNet everywhere; 2 DeiT runs
+FAILING = "ferplus/deit_base/linear_probe"  # run with a file that holds no weights: a real failed run
+BAD_WEIGHTS = str(Path(__file__).resolve())  # it exists (a missing file is refused before anything runs)
+_SMOKE: dict[str, object] = {}  # the study's runs folder, and the node id of the last selected test that uses it
+
+
+@pytest.fixture(scope="session")
+def data_root(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real data root where this workplace has it, else synthetic CIFAR-10 and FERPlus big enough for smoke."""
+    if EXTRACT.is_file():
+        return request.getfixturevalue("real_data_root")
+    root = tmp_path_factory.mktemp("data")
+    write_cifar_imagefolder(root / "cifar10", 6, 3)
+    emotions = list(FERPLUS_TRAIN_PER_EMOTION)
+    write_ferplus_microsoft(root / "ferplus", {
+        "train": [clear_votes(e) for e, n in FERPLUS_TRAIN_PER_EMOTION.items() for _ in range(n)],
+        "valid": [clear_votes(e) for e in emotions],
+        "test": [clear_votes(e) for e in emotions for _ in range(3)]})
+    return root
+
+
+@dataclass
+class Study:
+    """The shared smoke study: its ``<runs>/smoke`` folder and what became of each run (ok, failed, missing)."""
+
+    profile_dir: Path
+    status: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def smoke(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
+    """The smoke study (random init) over ``ONLY``, plus one run made to fail with a file that holds no weights.
+
+    The pages must follow what happened, so a run that fails for another reason is checked as a failed run.
+    """
+    runs = tmp_path_factory.mktemp("runs")
+    _SMOKE["runs"] = runs
+    lines: list[str] = []
+    outcomes = runner.run_matrix("smoke", data_root, runs, {"pretrained": False}, only=ONLY, report=lines.append)
+    outcomes += runner.run_matrix("smoke", data_root, runs, {"pretrained": True, "weights_path": BAD_WEIGHTS},
+                                  only=FAILING, report=lines.append)
+    status = {spec.key: "missing" for spec in runner.matrix()} | {o.spec.key: o.status for o in outcomes}
+    assert status[FAILING] == "failed", lines
+    assert "ok" in status.values(), f"no smoke run finished, so no page shows a notebook: {lines}"
+    yield Study(runs / "smoke", status)
+    shutil.rmtree(runs, ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m / --lf have deselected what they will
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    users = [item.nodeid for item in items if "smoke" in getattr(item, "fixturenames", ())]
+    _SMOKE["last"] = users[-1] if users else None
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Remove the smoke study's runs once the last test that reads them has run: its model bundles hold ~2 GB of
+    weights, CI disks are small, and a session fixture would otherwise keep them to the end of the session."""
+    if item.nodeid == _SMOKE.get("last") and "runs" in _SMOKE:
+        shutil.rmtree(_SMOKE.pop("runs"), ignore_errors=True)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -27,8 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
-from conftest import EXTRACT, REPO
-from synthetic import FERPLUS_TRAIN_PER_EMOTION, clear_votes, write_cifar_imagefolder, write_ferplus_microsoft
+from conftest import BAD_WEIGHTS, FAILING, REPO, Study
 
 from transferstudy import book, cli, config, figures, report, results, runner, search
 from transferstudy.report import chapters, stats, tables
@@ -38,10 +36,7 @@ matplotlib.use("Agg")
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ONLY = "*/alexnet/*,cifar10/deit_base/frozen_svm,cifar10/deit_base/linear_probe"  # AlexNet everywhere; 2 DeiT runs
 SHOTS = ("comparison", "errors")  # pages whose screenshots the browser test keeps
-FAILING = "ferplus/deit_base/linear_probe"  # run with a file that holds no weights: a real failed run
-BAD_WEIGHTS = str(Path(__file__).resolve())  # it exists (a missing file is refused before anything runs)
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "book")
 
 
@@ -83,48 +78,7 @@ def build(root: Path) -> Path:
     return out / "_build" / "html"
 
 
-# --- fixtures: one smoke study, one generated book, one build ------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def data_root(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real data root where this workplace has it, else synthetic CIFAR-10 and FERPlus big enough for smoke."""
-    if EXTRACT.is_file():
-        return request.getfixturevalue("real_data_root")
-    root = tmp_path_factory.mktemp("data")
-    write_cifar_imagefolder(root / "cifar10", 6, 3)
-    emotions = list(FERPLUS_TRAIN_PER_EMOTION)
-    write_ferplus_microsoft(root / "ferplus", {
-        "train": [clear_votes(e) for e, n in FERPLUS_TRAIN_PER_EMOTION.items() for _ in range(n)],
-        "valid": [clear_votes(e) for e in emotions],
-        "test": [clear_votes(e) for e in emotions for _ in range(3)]})
-    return root
-
-
-@dataclass
-class Study:
-    """The shared smoke study: its ``<runs>/smoke`` folder and what became of each run (ok, failed, missing)."""
-
-    profile_dir: Path
-    status: dict[str, str]
-
-
-@pytest.fixture(scope="module")
-def smoke(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
-    """The smoke study (random init) over ``ONLY``, plus one run made to fail with a weights file that does not exist.
-
-    The pages must follow what happened, so a run that fails for another reason is checked as a failed run.
-    """
-    runs = tmp_path_factory.mktemp("runs")
-    lines: list[str] = []
-    outcomes = runner.run_matrix("smoke", data_root, runs, {"pretrained": False}, only=ONLY, report=lines.append)
-    outcomes += runner.run_matrix("smoke", data_root, runs, {"pretrained": False, "weights_path": BAD_WEIGHTS},
-                                  only=FAILING, report=lines.append)
-    status = {spec.key: "missing" for spec in runner.matrix()} | {o.spec.key: o.status for o in outcomes}
-    assert status[FAILING] == "failed", lines
-    assert "ok" in status.values(), f"no smoke run finished, so no page shows a notebook: {lines}"
-    yield Study(runs / "smoke", status)
-    shutil.rmtree(runs, ignore_errors=True)  # its bundles hold ~2 GB of weights; CI disks are small
+# --- fixtures: one generated book, one build (the smoke study and its data root are in conftest.py) -------
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,14 @@ def page_name(dataset: str, model: str, regime: str) -> str:
     return f"{dataset}-{model}-{regime}"
 
 
-def generate(profile_dir: str | Path, data_root: str | Path, book_root: str | Path) -> list[Path]:
+def generate(profile_dir: str | Path, data_root: str | Path, book_root: str | Path,
+             bundle: dict[str, Any] | None = None) -> list[Path]:
     """Write ``<book_root>/book/_generated/`` from the runs under ``profile_dir`` (= ``<runs>/<profile>``).
 
-    ``data_root`` holds ``cifar10/`` and ``ferplus/`` (the Datasets and Errors pages read it);
-    ``book_root`` holds ``_config.yml`` and ``_toc.yml``. Returns the files written.
+    ``data_root`` holds ``cifar10/`` and ``ferplus/`` (the Datasets and Errors pages read it), or is a results
+    bundle's data summary; ``book_root`` holds ``_config.yml`` and ``_toc.yml``. ``bundle``: the manifest of the
+    results bundle the runs were unpacked from (``export.open_results``), which the note pages of its missing
+    runs name. Returns the files written.
     """
     profile_dir, data_root, book_root = Path(profile_dir), Path(data_root), Path(book_root)
     if not (book_root / "_toc.yml").is_file():
@@ -53,7 +56,7 @@ def generate(profile_dir: str | Path, data_root: str | Path, book_root: str | Pa
     (out / "runs").mkdir(parents=True)
     write_context(book_root, profile_dir, data_root)
     for run in store.runs.values():
-        _write_run_page(store, run, out)
+        _write_run_page(store, run, out, bundle)
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 
@@ -80,7 +83,7 @@ def _rerun_command(store: Store, run: Run) -> str:
             f"--only {run.key} --force{extra}")
 
 
-def _write_run_page(store: Store, run: Run, out: Path) -> None:
+def _write_run_page(store: Store, run: Run, out: Path, bundle: dict[str, Any] | None) -> None:
     base = out / "runs" / page_name(run.dataset, run.model, run.regime)
     notebook = run.run_dir / "notebook.ipynb" if run.run_dir else None
     if run.ok and notebook is not None and notebook.is_file():
@@ -96,6 +99,13 @@ def _write_run_page(store: Store, run: Run, out: Path) -> None:
     elif run.ok:
         body = _note(f"This run finished ({run.provenance()}), but its executed notebook is missing from "
                      f"`{run.run_dir}`. Rerun it to restore the page.") + f"\n```bash\n{run_cmd}\n```\n"
+    elif bundle is not None:
+        body = _note(f"**Not in the results bundle** this book was built from: the run had not run in profile "
+                     f"`{store.profile}` when the bundle was exported ({str(bundle.get('created', '?'))[:10]}, "
+                     f"transferstudy {bundle.get('written_by', {}).get('transferstudy', '?')}). Run it where the "
+                     f"data are, then export the results again:") + (
+            f"\n```bash\n{run_cmd}\ntransferstudy export-results results-{store.profile}.tar.gz "
+            f"--profile {store.profile}\n```\n")
     else:
         body = _note(f"**Not run yet** in profile `{store.profile}`. Run it (or `make book`, which runs every "
                      f"missing run):") + f"\n```bash\n{run_cmd}\n```\n"

@@ -149,9 +149,57 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_book_data(args: argparse.Namespace) -> int:
     from . import book
 
-    files = book.generate(Path(args.runs_dir) / args.profile, Path(args.data_root), Path(args.book_root))
+    if args.results is not None:  # an unpacked results bundle: its runs, its data summary, its profile
+        from . import export
+
+        given = [f"--{k.replace('_', '-')}" for k in ("runs_dir", "data_root") if getattr(args, k) is not None]
+        if given:
+            raise export.ResultsError(f"--results takes the runs and the data from the bundle: drop "
+                                      f"{' and '.join(given)}")
+        manifest, profile_dir, data_root = export.open_results(args.results)
+        if args.profile not in (None, manifest["profile"]):
+            raise export.ResultsError(f"--profile {args.profile}, but the bundle in {args.results} holds profile "
+                                      f"{manifest['profile']}: drop --profile")
+        files = book.generate(profile_dir, data_root, Path(args.book_root), bundle=manifest)
+    else:
+        files = book.generate(Path(args.runs_dir or "runs") / (args.profile or "quick"), Path(args.data_root or "data"),
+                              Path(args.book_root))
     pages = sum(f.parent.name == "runs" for f in files)
     print(f"{len(files)} files ({pages} run pages) written to {Path(args.book_root) / book.GENERATED}")
+    return 0
+
+
+def cmd_export_results(args: argparse.Namespace) -> int:
+    from . import export
+
+    manifest = export.export(args.bundle, args.profile, args.runs_dir, args.data_root, with_models=args.with_models)
+    states = [run["status"] for run in manifest["runs"]]
+    size = Path(args.bundle).stat().st_size
+    print(f"wrote {args.bundle} ({size / 2**20:.1f} MiB, {len(manifest['members'])} files): profile {args.profile}, "
+          f"{states.count('ok')} finished and {states.count('failed')} failed runs ({len(manifest['not_run'])} not "
+          f"run), {len(manifest['searches'])} searches, the data summary"
+          + ("" if args.with_models else "; no model bundles (--with-models adds them)"))
+    return 0
+
+
+def cmd_import_results(args: argparse.Namespace) -> int:
+    from . import export
+
+    manifest = export.import_bundle(args.bundle, args.to)
+    print(f"unpacked {args.bundle} into {args.to}: profile {manifest['profile']}, {len(manifest['runs'])} runs, "
+          f"{len(manifest['members'])} files checked (written by transferstudy "
+          f"{manifest['written_by']['transferstudy']} on {manifest['created'][:10]}). Build the book from it with "
+          f"`transferstudy book-data --results {args.to}` and `jupyter-book build . --all`")
+    return 0
+
+
+def cmd_classroom_pack(args: argparse.Namespace) -> int:
+    from . import classroom
+
+    manifest = classroom.build(args.profile, Path(args.runs_dir), Path(args.data_root), Path(args.out))
+    size = Path(args.out).stat().st_size
+    print(f"{args.out}: {size / 2**20:.1f} MiB; {', '.join(manifest['entries'])}; {len(manifest['members'])} files, "
+          f"each with its SHA-256 in manifest.json")
     return 0
 
 
@@ -265,11 +313,58 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Write book/_generated/ from a profile's runs and the data root: the executed "
                                    "notebooks as pages (a note page for a failed or missing run), the figures and "
                                    "the tables the book's pages include.")
-    p.add_argument("--profile", default="quick", choices=list(config.profiles()))
-    p.add_argument("--runs-dir", default="runs", help="results store (default: runs)")
-    p.add_argument("--data-root", default="data", help="folder holding cifar10/ and ferplus/ (default: data)")
+    p.add_argument("--profile", default=None, choices=list(config.profiles()), help="(default: quick)")
+    p.add_argument("--runs-dir", default=None, help="results store (default: runs)")
+    p.add_argument("--data-root", default=None, help="folder holding cifar10/ and ferplus/ (default: data)")
     p.add_argument("--book-root", default=".", help="folder holding _config.yml and _toc.yml (default: .)")
+    p.add_argument("--results", default=None, metavar="DIR",
+                   help="build from a results bundle unpacked by `transferstudy import-results` into DIR (checked "
+                        "again here) instead of --runs-dir and --data-root; the profile is the bundle's")
     p.set_defaults(func=cmd_book_data)
+
+    p = sub.add_parser("export-results", help="pack a profile's results (what the book reads) into one checked archive",
+                       description="Write BUNDLE.tar.gz from a profile's runs: each run's records (metrics, curves, "
+                                   "predictions, plot embeddings, split, the executed notebook, meta.json with its "
+                                   "provenance), the searches, and what the Datasets and Errors chapters show of the "
+                                   "data (counts, split sizes, the pictured images as small PNGs; never the dataset), "
+                                   "with manifest.json listing the SHA-256 and size of every file. `make book "
+                                   "RESULTS=BUNDLE.tar.gz` builds the book from it on a machine without the data or "
+                                   "the runs.")
+    p.add_argument("bundle", metavar="BUNDLE.tar.gz", help="the archive to write (replaced whole, or not at all)")
+    p.add_argument("--profile", default="quick", choices=list(config.profiles()), help="(default: quick)")
+    p.add_argument("--runs-dir", default="runs", help="results store (default: runs)")
+    p.add_argument("--data-root", default="data",
+                   help="the data root the runs used, holding cifar10/ and ferplus/ (default: data)")
+    p.add_argument("--with-models", action="store_true",
+                   help="also pack each run's fine-tuned model bundle (bundle/: checkpoints, TorchScript, skops; "
+                        "hundreds of MB per run)")
+    p.set_defaults(func=cmd_export_results)
+
+    p = sub.add_parser("import-results", help="check and unpack a results bundle",
+                       description="Check BUNDLE.tar.gz (written by export-results) against its manifest and unpack "
+                                   "it into DIR, replacing an earlier import there. A bundle with a member altered, "
+                                   "missing or extra, from another bundle format version, or that is no bundle, is "
+                                   "refused, naming the member, and nothing is unpacked.")
+    p.add_argument("bundle", metavar="BUNDLE.tar.gz")
+    p.add_argument("--to", required=True, metavar="DIR", help="the folder to unpack into, e.g. runs/bundle")
+    p.set_defaults(func=cmd_import_results)
+
+    p = sub.add_parser("classroom-pack", help="export a profile's frozen features for a class: no images, no backbone",
+                       description=textwrap.fill(
+                           "Write one .tar.gz with, for each dataset x model whose frozen_svm or linear_probe run "
+                           "the profile holds, the frozen backbone's embeddings those two regimes train on (float16, "
+                           "train / val / test), the labels, classes, split hash and provenance, and a manifest "
+                           "with every file's SHA-256. The features are read from the runs' feature cache "
+                           "(<runs-dir>/.cache) with the runs' own settings; an entry missing there is computed "
+                           "from the images under --data-root and stored. The frozen_svm and linear_probe notebooks "
+                           "train from the pack with papermill -p features_pack OUT.tar.gz.", 88))
+    p.add_argument("out", metavar="OUT.tar.gz", help="the pack to write (atomically)")
+    p.add_argument("--profile", default="quick", choices=list(config.profiles()),
+                   help="whose runs (default: quick)")
+    p.add_argument("--runs-dir", default="runs", help="results store (default: runs)")
+    p.add_argument("--data-root", default="data",
+                   help="folder holding the runs' cifar10/ and ferplus/ (default: data)")
+    p.set_defaults(func=cmd_classroom_pack)
     return parser
 
 

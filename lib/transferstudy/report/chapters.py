@@ -7,14 +7,16 @@ A piece that cannot be computed (a missing data root, a run that has not finishe
 
 from __future__ import annotations
 
+import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .. import config, data
+from .. import config, data, results
 from .store import Run, Store, StoreError
 
 FERPLUS_RULES = {
@@ -31,10 +33,70 @@ class Unavailable(Exception):
 
 
 # --- datasets -------------------------------------------------------------------------------------
+#
+# The Datasets and Errors pages read the data root, or, in a book built from a results bundle (which carries no data),
+# the bundle's data summary: a folder holding ``summary.json`` (what the functions below computed from the data root
+# when the bundle was exported, by ``data_summary``) and the pictures they show, as PNGs under ``pictures/``. The
+# store's ``data_root`` names one or the other, and these functions alone tell them apart, so the pages do not.
+
+SUMMARY_FILE = "summary.json"
+SUMMARY_KIND = "transferstudy data summary"
+PICTURES = "pictures"
+EXAMPLES_PER_CLASS = 6
+MISCLASSIFIED_SHOWN = 12
 
 
-def dataset_splits(store: Store, dataset: str) -> tuple[data.DatasetSplits, pd.DataFrame]:
-    """The dataset with the study's split, and its split sizes: whole dataset and this profile's subsets."""
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What the Datasets page shows of one dataset with the study's split (seed, label rule and subsets of the
+    store's profile): the split sizes, the images per class of each split, and the training images it pictures
+    (``examples``: class -> files relative to the dataset folder, or why there are none)."""
+
+    name: str
+    split_hash: str
+    seed: int
+    layout: str
+    sizes: pd.DataFrame
+    counts: dict[str, dict[str, int]]
+    examples: dict[str, list[str]] | str
+
+
+def _bundled(store: Store) -> dict[str, Any] | None:
+    """The results bundle's data summary that stands in for the data root, or None where the data root is real."""
+    path = store.data_root / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = results.read_json(path)
+        if not isinstance(summary, dict) or summary.get("kind") != SUMMARY_KIND:
+            raise ValueError(f"it is not a {SUMMARY_KIND}")
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path} is unreadable ({exc}); import the results bundle again "
+                         f"(`transferstudy import-results BUNDLE --to DIR`)") from exc
+    return summary
+
+
+def _picture_file(store: Store, dataset: str, file: str) -> Path:
+    """Where a picture the pages show is kept: the data root's image file, or its PNG in a bundle's data summary."""
+    if (store.data_root / SUMMARY_FILE).is_file():
+        return store.data_root / PICTURES / dataset / f"{file}.png"
+    return store.data_root / dataset / file
+
+
+def _picture(path: Path) -> np.ndarray:
+    """An image file as [H, W, 3] uint8 for a figure (through the library's one image reader)."""
+    return data.read_image(path, gray=False).transpose(1, 2, 0)
+
+
+def dataset_summary(store: Store, dataset: str) -> DatasetSummary:
+    """The dataset as the study splits it: whole dataset and this profile's subsets, images per class, pictures."""
+    bundled = _bundled(store)
+    if bundled is not None:
+        entry = bundled["datasets"][dataset]
+        if "unavailable" in entry:
+            raise Unavailable(entry["unavailable"])
+        return DatasetSummary(dataset, entry["split_hash"], entry["seed"], entry["layout"],
+                              pd.DataFrame(entry["sizes"]), entry["counts"], entry["examples"])
     cfg = config.resolve("full", config.MODELS[0], dataset, store.profile)
     data_dir = store.data_root / dataset
     args = dict(label_rule=cfg["label_rule"] if dataset == "ferplus" else None, val_source=cfg["val_source"],
@@ -53,38 +115,43 @@ def dataset_splits(store: Store, dataset: str) -> tuple[data.DatasetSplits, pd.D
     frame = pd.DataFrame({"split": ["train", "val", "test"],
                           "whole dataset": [len(getattr(ds, s)) for s in ("train", "val", "test")],
                           f"profile {store.profile}": [sizes[s] for s in ("train", "val", "test")]})
-    return ds, frame
-
-
-def class_counts(ds: data.DatasetSplits) -> dict[str, dict[str, int]]:
-    """Images per class in each split: ``{split: {class: n}}``."""
     summary = data.summarize(ds)
-    return {s: summary["splits"][s]["per_class"] for s in ("train", "val", "test")}
-
-
-def _picture(path: Path) -> np.ndarray:
-    """An image file as [H, W, 3] uint8 for a figure (through the library's one image reader)."""
-    return data.read_image(path, gray=False).transpose(1, 2, 0)
-
-
-def examples(ds: data.DatasetSplits, data_dir: Path, per_class: int = 6, seed: int = 0) -> dict[str, list[np.ndarray]]:
-    """Up to ``per_class`` random training images of each class, at their native size."""
-    rng = np.random.default_rng(seed)
+    counts = {s: summary["splits"][s]["per_class"] for s in ("train", "val", "test")}
+    # up to EXAMPLES_PER_CLASS random training images of each class (seed 0), shown at their native size
+    rng = np.random.default_rng(0)
     labels = ds.train.labels.numpy()
-    picked = {cls: rng.permutation(np.flatnonzero(labels == k))[:per_class] for k, cls in enumerate(ds.classes)}
-    files = {cls: [Path(data_dir) / ds.train.files[i] for i in idx] for cls, idx in picked.items()}
-    if not any(p.is_file() for paths in files.values() for p in paths):
-        raise Unavailable(f"No example images: the {ds.name} files under `{data_dir}` are not individual image "
-                          f"files (e.g. torchvision's pickled CIFAR-10).")
-    return {cls: [_picture(p) for p in paths if p.is_file()] for cls, paths in files.items()}
+    picked = {cls: [ds.train.files[i] for i in rng.permutation(np.flatnonzero(labels == k))[:EXAMPLES_PER_CLASS]]
+              for k, cls in enumerate(ds.classes)}
+    if any((data_dir / f).is_file() for files in picked.values() for f in files):
+        examples: dict[str, list[str]] | str = {cls: [f for f in files if (data_dir / f).is_file()]
+                                                for cls, files in picked.items()}
+    else:
+        examples = (f"No example images: the {dataset} files under `{data_dir}` are not individual image files "
+                    f"(e.g. torchvision's pickled CIFAR-10).")
+    return DatasetSummary(dataset, ds.split_hash, ds.info["seed"], ds.info["layout"], frame, counts, examples)
 
 
-def label_rules(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def examples(store: Store, summary: DatasetSummary) -> dict[str, list[np.ndarray]]:
+    """The training images ``summary`` pictures, per class, at their native size."""
+    if isinstance(summary.examples, str):
+        raise Unavailable(summary.examples)
+    return {cls: [_picture(_picture_file(store, summary.name, f)) for f in files]
+            for cls, files in summary.examples.items()}
+
+
+def label_rules(store: Store) -> tuple[pd.DataFrame, pd.DataFrame]:
     """FERPlus under each label rule: images kept per official folder, and training images per class."""
+    bundled = _bundled(store)
+    if bundled is not None:
+        rules = bundled["label_rules"]
+        if isinstance(rules, str):
+            raise Unavailable(rules)
+        return pd.DataFrame(rules["kept"]), pd.DataFrame(rules["per_class"])
     counts, per_class = [], {}
     for rule, keeps in FERPLUS_RULES.items():
         try:
-            ds = data.load_dataset("ferplus", data_dir, label_rule=rule, val_source="official", decode=False)
+            ds = data.load_dataset("ferplus", store.data_root / "ferplus", label_rule=rule, val_source="official",
+                                   decode=False)
         except data.DataError as exc:
             raise Unavailable(f"The label rules need Microsoft's `label.csv` files ({exc}).") from exc
         n = {s: len(getattr(ds, s)) for s in ("train", "val", "test")}
@@ -92,6 +159,48 @@ def label_rules(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                        "test": n["test"], "total": sum(n.values())})
         per_class[rule] = data.summarize(ds)["splits"]["train"]["per_class"]
     return pd.DataFrame(counts), pd.DataFrame(per_class).rename_axis("class").reset_index()
+
+
+def data_summary(store: Store) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """What the pages read from ``store``'s data root, for a results bundle: the ``summary.json`` that
+    ``dataset_summary``, ``label_rules`` and ``misclassified`` read back, and the pictures they show (the training
+    examples, and the first misclassified test images of every finished run) as PNG files by their name under the
+    summary folder. What cannot be computed is kept as the note the page would show."""
+    from PIL import Image
+
+    if _bundled(store) is not None:
+        raise StoreError(f"{store.data_root} is already a results bundle's data summary; export from the runs and "
+                         f"the data root they used")
+    datasets: dict[str, Any] = {}
+    wanted: set[tuple[str, str]] = set()
+    for dataset in config.DATASETS:
+        try:
+            s = dataset_summary(store, dataset)
+        except Unavailable as why:
+            datasets[dataset] = {"unavailable": str(why)}
+            continue
+        datasets[dataset] = {"split_hash": s.split_hash, "seed": s.seed, "layout": s.layout,
+                             "sizes": s.sizes.to_dict(orient="list"), "counts": s.counts, "examples": s.examples}
+        if isinstance(s.examples, dict):
+            wanted |= {(dataset, f) for files in s.examples.values() for f in files}
+    for run in store.finished():
+        pred = run.predictions
+        wanted |= {(run.dataset, str(pred.files[i])) for i in np.flatnonzero(~pred.correct)[:MISCLASSIFIED_SHOWN]}
+    try:
+        kept, per_class = label_rules(store)
+        rules: dict[str, Any] | str = {"kept": kept.to_dict(orient="list"),
+                                       "per_class": per_class.to_dict(orient="list")}
+    except Unavailable as why:
+        rules = str(why)
+    pictures = {}
+    for dataset, file in sorted(wanted):
+        path = _picture_file(store, dataset, file)
+        if path.is_file():
+            buffer = io.BytesIO()
+            Image.fromarray(_picture(path)).save(buffer, format="PNG")
+            pictures[f"{PICTURES}/{dataset}/{file}.png"] = buffer.getvalue()
+    summary = {"kind": SUMMARY_KIND, "profile": store.profile, "datasets": datasets, "label_rules": rules}
+    return summary, pictures
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -177,14 +286,13 @@ def error_run(store: Store, dataset: str, model: str) -> Run | None:
     return max(mine, key=lambda r: r.test.get("accuracy", 0.0)) if mine else None
 
 
-def misclassified(run: Run, data_root: Path, limit: int = 12) -> tuple[list[np.ndarray], list[str]]:
+def misclassified(run: Run, store: Store, limit: int = MISCLASSIFIED_SHOWN) -> tuple[list[np.ndarray], list[str]]:
     """The first ``limit`` misclassified test images of ``run``, with 'true / predicted' captions."""
     pred = run.predictions
     wrong = np.flatnonzero(~pred.correct)[:limit]
-    data_dir = Path(data_root) / run.dataset
-    shown = [(data_dir / str(pred.files[i]), i) for i in wrong if (data_dir / str(pred.files[i])).is_file()]
+    shown = [(path, i) for i in wrong if (path := _picture_file(store, run.dataset, str(pred.files[i]))).is_file()]
     if len(wrong) and not shown:
-        raise Unavailable(f"The misclassified images are not readable under `{data_dir}`: pass the data root "
+        raise Unavailable(f"The misclassified images are not readable under `{store.data_root}`: pass the data root "
                           f"the runs used.")
     classes = run.classes
     return ([_picture(p) for p, _ in shown],
@@ -202,9 +310,8 @@ class SearchFolderError(ValueError):
 
 def read_search(folder: Path) -> tuple[dict[str, Any], pd.DataFrame, list[dict[str, Any]]]:
     """A search folder's ``summary.json``, ``trials.csv`` (parameters as the text the search wrote) and the
-    trials' run records (``meta.json``)."""
-    from .. import results
-
+    trials' run records (``meta.json``). A trial's ``run_dir`` is its folder inside ``folder`` where that holds it
+    (also after the search folder was moved, or unpacked from a results bundle), else the one it recorded."""
     fix = (f"rerun one worker of that search (`transferstudy search` with the same options) to rewrite it, "
            f"or remove {folder}")
     try:
@@ -218,6 +325,11 @@ def read_search(folder: Path) -> tuple[dict[str, Any], pd.DataFrame, list[dict[s
         raise SearchFolderError(f"{folder / 'summary.json'} lacks {', '.join(missing)}: not written by "
                                 f"`transferstudy search`; {fix}")
     metas = [results.read_json(p) for p in sorted(folder.glob("trials/*/*/*/*/*/meta.json"))]
+    if "run_dir" in trials.columns:
+        here = [folder / "trials" / f"{int(n):04d}" / summary["profile"] / summary["dataset"] / summary["model"]
+                / summary["regime"] for n in trials["number"]]
+        trials["run_dir"] = [str(d) if (d / "meta.json").is_file() else recorded
+                             for d, recorded in zip(here, trials["run_dir"])]
     return summary, trials.sort_values("number", ignore_index=True), metas
 
 
