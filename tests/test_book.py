@@ -515,7 +515,9 @@ def test_an_empty_store_and_no_data_still_build_with_notes(tmp_path):
     html = build(root)  # every warning fatal, every page executed
     text = " ".join((html / "book" / "comparison.html").read_text().split())
     assert "No regimes have finished on both sides yet" in text
-    assert "has no usable" in (html / "book" / "datasets.html").read_text()
+    datasets = " ".join((html / "book" / "datasets.html").read_text().split())
+    assert "has no usable" in datasets
+    assert f"read from the data root that transferstudy book-data was given ({tmp_path / 'no-data'})" in datasets
 
 
 @pytest.mark.slow

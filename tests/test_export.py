@@ -400,6 +400,8 @@ def test_the_whole_book_builds_from_the_bundle_with_no_warning(html, smoke, data
             html / "book" / "datasets.html").read_text()
     chapters_text = " ".join(p.read_text() for p in (html / "book").rglob("*.html") if "_generated" not in p.parts)
     assert str(smoke.profile_dir.parent) not in chapters_text and str(data_root) not in chapters_text
+    assert "data summary, computed from the data root by the same loader" in (
+        html / "book" / "datasets.html").read_text()  # the page says where its data comes from
 
 
 @pytest.mark.slow

@@ -76,6 +76,16 @@ def _bundled(store: Store) -> dict[str, Any] | None:
     return summary
 
 
+def data_source_sentence(store: Store) -> str:
+    """Where the Datasets and Errors pages take the data from, said as it is: the data root, or a bundle's summary."""
+    if _bundled(store) is not None:
+        return ("this book was built from a results bundle, which carries no images: the counts and pictures on "
+                "this page come from the bundle's data summary, computed from the data root by the same loader "
+                "when the results were exported")
+    return (f"they are read from the data root that `transferstudy book-data` was given ({store.data_root}), "
+            "by the loader the notebooks use (`transferstudy.data.load_dataset`)")
+
+
 def _picture_file(store: Store, dataset: str, file: str) -> Path:
     """Where a picture the pages show is kept: the data root's image file, or its PNG in a bundle's data summary."""
     if (store.data_root / SUMMARY_FILE).is_file():
