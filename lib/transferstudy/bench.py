@@ -53,7 +53,8 @@ SPLITS = ("train", "val", "test")
 MIN_PROBE_SPEEDUP = 8.0
 MAX_PROBE_ACC_DIFF_PP = 0.5
 MIN_NAIVE_FORWARDS = 12.0
-MIN_FORWARD_PEAK_FRACTION = {"alexnet": 0.60, "deit_base": 0.85}
+# the forward-speed target per backbone (its record's min_forward_peak_fraction)
+MIN_FORWARD_PEAK_FRACTION = {name: b.min_forward_peak_fraction for name, b in models.BACKBONES.items()}
 MAX_PREPROCESS_SHARE = 0.05
 
 
@@ -214,8 +215,9 @@ def _build(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, bool]
 
 
 def _backbone(net: nn.Module, model: str) -> nn.Module:
-    """The module every backbone forward pass enters exactly once: AlexNet ``features``, DeiT ``patch_embed``."""
-    return net.features if model == "alexnet" else net.patch_embed
+    """The module every backbone forward pass enters exactly once: the first of the record's stages (AlexNet
+    ``features.0``, DeiT ``patch_embed``)."""
+    return models.backbone(model).stages(net)[0][1]
 
 
 class _ForwardCounter:
@@ -273,7 +275,7 @@ def _cached(setup: _Setup, data_dir: Path, subset: dict[str, Any],
                   batch_size=args.eval_batch_size, device=device, context={"dataset": args.dataset},
                   log=lambda line: None, progress=setup.progress)
     # The backbone pass: the embedding the cache stores (AlexNet's penultimate derives from its pooled one).
-    stored = "pooled" if args.model == "alexnet" else setup.kinds["probe"]
+    stored = models.backbone(args.model).stored_kind(setup.kinds["probe"])
     tick = time.perf_counter()
     for name, split in splits.items():
         counter.split = name
@@ -479,7 +481,7 @@ def _fastest(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
 
 # The layer with the most FLOPs of each model's extraction forward (a test checks it by counting):
 # run alone on the input it gets in the forward, it bounds what the whole forward can reach.
-LARGEST_LAYER = {"alexnet": "features.3", "deit_base": "blocks.0.mlp.fc1"}
+LARGEST_LAYER = {name: b.largest_layer for name, b in models.BACKBONES.items()}
 
 
 def _flops(fn: Callable[[], Any]) -> int:
@@ -493,15 +495,15 @@ def _forward_speed(setup: _Setup, ds: data.DatasetSplits, rounds: int = 3) -> di
     """The fp32 matmul peak, the extraction forward's and its largest layer's GFLOP/s, measured in turns.
 
     Each of ``rounds`` rounds measures the peak, one forward of a preprocessed eval batch and the largest
-    layer alone (:data:`LARGEST_LAYER`) on the input it got there; each figure is its best round, so a
+    layer alone (its record's ``largest_layer``) on the input it got there; each figure is its best round, so a
     neighbour's burst on a shared machine lowers none of them.
     """
     args, device = setup.args, setup.device
-    embed = setup.embed("pooled" if args.model == "alexnet" else setup.kinds["probe"])
+    embed = setup.embed(models.backbone(args.model).stored_kind(setup.kinds["probe"]))  # the cache's pass
     pre = Preprocessor(size=224, mode="resize", channels_last=models.channels_last(args.model))
     batch = pre(ds.train.images[:args.eval_batch_size].to(device), False)
     flops = _flops(lambda: embed(batch[:1]))
-    layer = setup.net.get_submodule(LARGEST_LAYER[args.model])
+    layer = setup.net.get_submodule(models.backbone(args.model).largest_layer)
     seen: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     with torch.no_grad(), models.autocast(device):
@@ -519,7 +521,7 @@ def _forward_speed(setup: _Setup, ds: data.DatasetSplits, rounds: int = 3) -> di
     out = {"matmul_peak_gflops": peak, "forward_flops_per_image": flops, "forward_img_s": img_s,
            "forward_gflops": forward_gflops, "forward_peak_fraction": forward_gflops / peak,
            "forward_dtype": "float16 (autocast)" if device.type == "cuda" else "float32",
-           "largest_layer": LARGEST_LAYER[args.model], "largest_layer_gflops": layer_gflops,
+           "largest_layer": models.backbone(args.model).largest_layer, "largest_layer_gflops": layer_gflops,
            "largest_layer_peak_fraction": layer_gflops / peak}
     if device.type == "cuda":  # the forward runs in fp16 there: its own peak, for reference
         out["matmul_peak_gflops_fp16"] = matmul_peak_gflops(device, torch.float16)
@@ -575,7 +577,7 @@ def _preprocess_share(setup: _Setup, ds: data.DatasetSplits, seconds: float = 10
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target: what it asks, what was measured, and whether it is met."""
     naive, cached = result["naive"], result["cached"]
-    min_fraction = MIN_FORWARD_PEAK_FRACTION[result["model"]]
+    min_fraction = models.backbone(result["model"]).min_forward_peak_fraction
     return [
         {"target": f"probe >= {MIN_PROBE_SPEEDUP:g}x faster than naive",
          "measured": f"{result['probe_speedup']:.1f}x", "met": result["probe_speedup"] >= MIN_PROBE_SPEEDUP},

@@ -222,26 +222,28 @@ def embeddings(net: nn.Module, model: str, kind: str, splits: Mapping[str, Any],
 
     With a ``weights_id`` (what identifies ``net``'s weights) and a ``cache_dir`` they are read from
     the cache or stored there, keyed by model, weights, kind, the split's files, ``repr(preprocess)``
-    and ``context`` (e.g. dataset and label rule); AlexNet's ``penultimate`` is then computed from the
-    cached ``pooled`` embedding through ``classifier[:6]``, without a second backbone pass.
+    and ``context`` (e.g. dataset and label rule); a kind derived from another (``models.Embedding.derived_from``:
+    AlexNet's ``penultimate``) is then computed from that kind's cached embedding through its ``tail``
+    (``classifier[:6]``), without a second backbone pass.
     """
-    models.check_name(model)
+    embedding = models.backbone(model).embeddings.get(kind)
     net.to(device)
     cacheable = weights_id is not None and cache_dir is not None
     common = dict(preprocess=preprocess, batch_size=batch_size, device=device, log=log, progress=progress)
-    if cacheable and model == "alexnet" and kind == "penultimate":
-        pooled = embeddings(net, model, "pooled", splits, weights_id=weights_id, cache_dir=cache_dir,
+    if cacheable and embedding is not None and embedding.derived_from is not None:
+        source = embeddings(net, model, embedding.derived_from, splits, weights_id=weights_id, cache_dir=cache_dir,
                             context=context, **common)
+        layers = embedding.tail(net)
 
         def tail(x: torch.Tensor) -> torch.Tensor:
             was_training = net.training
             net.eval()
             try:
-                return net.classifier[:6](x)
+                return layers(x)
             finally:
                 net.train(was_training)
 
-        return {name: training.extract(tail, FeatureSplit(pooled[name], split.labels), preprocess=identity,
+        return {name: training.extract(tail, FeatureSplit(source[name], split.labels), preprocess=identity,
                                        batch_size=batch_size, device=device)
                 for name, split in splits.items()}
     out = {}

@@ -1,7 +1,7 @@
 """The study's three transfer regimes: which parameters train, their learning-rate groups, and the frozen prefix.
 
-linear_probe: head only. partial: AlexNet `features[10:]` + whole classifier; DeiT last block + final
-norm + head. full: everything.
+linear_probe: head only. partial: the stages of the forward pass from the backbone record's ``partial_split``
+on (AlexNet `features[10:]` + whole classifier; DeiT last block + final norm + head). full: everything.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transferstudy.models import build_model, check_name, head
+from transferstudy.models import backbone, build_model, head, module_at, split_stages
 from transferstudy.training import make_optimizer
 
 REGIMES = ("linear_probe", "partial", "full")
@@ -22,7 +22,7 @@ def _check_regime(regime: str) -> None:
 
 def _groups(model: nn.Module, name: str, regime: str) -> dict[str, list[nn.Parameter]]:
     """The regime's trainable parameters by learning-rate group, from the model's structure."""
-    check_name(name)
+    record = backbone(name)
     _check_regime(regime)
     head_params = list(head(model, name).parameters())
     if regime == "linear_probe":
@@ -30,9 +30,11 @@ def _groups(model: nn.Module, name: str, regime: str) -> dict[str, list[nn.Param
     if regime == "full":
         head_ids = {id(p) for p in head_params}
         return {"backbone": [p for p in model.parameters() if id(p) not in head_ids], "head": head_params}
-    if name == "alexnet":
-        return {"backbone": list(model.features[10:].parameters()), "head": list(model.classifier.parameters())}
-    return {"backbone": [*model.blocks[-1].parameters(), *model.norm.parameters()], "head": head_params}
+    _, trained = split_stages(model, record, record.partial_split)
+    head_params = list(module_at(model, record.partial_head).parameters())
+    head_ids = {id(p) for p in head_params}
+    return {"backbone": [p for p in nn.Sequential(*trained).parameters() if id(p) not in head_ids],
+            "head": head_params}
 
 
 def apply_regime(model: nn.Module, name: str, regime: str) -> nn.Module:
@@ -87,54 +89,18 @@ def param_table(name: str, num_classes: int) -> list[dict]:
     return rows
 
 
-class _DeitTokens(nn.Module):
-    """DeiT patch embedding + class token + position embedding, then `blocks`."""
-
-    def __init__(self, model: nn.Module, blocks: nn.Sequential) -> None:
-        super().__init__()
-        if model.reg_token is not None or model.no_embed_class or model.dynamic_img_size:
-            raise ValueError("frozen_prefix supports the stock deit_base_patch16_224 token layout only.")
-        self.patch_embed, self.cls_token, self.pos_embed = model.patch_embed, model.cls_token, model.pos_embed
-        self.pos_drop, self.patch_drop, self.norm_pre = model.pos_drop, model.patch_drop, model.norm_pre
-        self.blocks = blocks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x = self.norm_pre(self.patch_drop(self.pos_drop(x)))
-        return self.blocks(x)
-
-
-class _DeitPool(nn.Module):
-    """DeiT final norm, then the CLS token's pre-logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        if model.global_pool != "token" or model.attn_pool is not None:
-            raise ValueError("frozen_prefix supports DeiT's CLS-token pooling (global_pool='token') only.")
-        self.norm, self.fc_norm, self.head_drop = model.norm, model.fc_norm, model.head_drop
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head_drop(self.fc_norm(self.norm(x)[:, 0]))
-
-
 def frozen_prefix(model: nn.Module, name: str, regime: str) -> tuple[nn.Module, nn.Module]:
     """(prefix, rest) sharing `model`'s modules, with rest(prefix(x)) == model(x).
 
     The prefix holds exactly the parameters `regime` freezes, so its outputs can be cached once;
-    call it in eval mode (AlexNet's classifier dropout sits in the linear-probe prefix).
+    call it in eval mode (AlexNet's classifier dropout sits in the linear-probe prefix). The backbone
+    record's stages (``Backbone.stages``) split at its ``partial_split`` (partial) or its ``head`` (linear_probe):
     partial: AlexNet features[:10] | features[10:]..classifier; DeiT up to blocks[:-1] | blocks[-1]+norm+head.
     linear_probe: everything up to the embedding | head. "full" has no frozen prefix (ValueError).
     """
-    check_name(name)
+    record = backbone(name)
     _check_regime(regime)
     if regime == "full":
         raise ValueError("regime='full' trains every parameter, so there is no frozen prefix; use the model itself.")
-    if name == "alexnet":
-        if regime == "linear_probe":
-            embedding = nn.Sequential(model.features, model.avgpool, nn.Flatten(1), model.classifier[:6])
-            return embedding, model.classifier[6]
-        return model.features[:10], nn.Sequential(model.features[10:], model.avgpool, nn.Flatten(1), model.classifier)
-    if regime == "linear_probe":
-        return nn.Sequential(_DeitTokens(model, model.blocks), _DeitPool(model)), model.head
-    return _DeitTokens(model, model.blocks[:-1]), nn.Sequential(model.blocks[-1], _DeitPool(model), model.head)
+    prefix, rest = split_stages(model, record, record.head if regime == "linear_probe" else record.partial_split)
+    return nn.Sequential(*prefix), rest[0] if len(rest) == 1 else nn.Sequential(*rest)

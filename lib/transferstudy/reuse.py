@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,28 +26,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .models import check_name
+from .models import backbone
 
-DEIT_DEPTH = 12
-ALEXNET_PROBES = {"pool1": "features.2", "pool2": "features.5", "relu3": "features.7", "relu4": "features.9",
-                  "pool5": "features.12", "fc6": "classifier.2", "fc7": "classifier.5"}
-ALEXNET_UNITS = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6", "conv4": "features.8",
-                 "conv5": "features.10", "fc6": "classifier.1", "fc7": "classifier.4", "head": "classifier.6"}
 MODES = ("restore", "redraw")
 Array = np.ndarray | torch.Tensor
 
 
 # ----------------------------------------------------------------------------- probe points, units, features
-def _depth(model_name: str, depth: int | None) -> int:
-    check_name(model_name)
-    if model_name == "alexnet":
+def _depth(model_name: str, depth: int | None) -> int | None:
+    """``depth`` checked against the backbone record: None for a network without blocks, else a positive int
+    (default: the record's)."""
+    record = backbone(model_name)
+    if record.blocks is None:
         if depth is not None:
-            raise ValueError(f"depth={depth!r} was given for model_name='alexnet', which has no blocks; "
+            raise ValueError(f"depth={depth!r} was given for model_name={model_name!r}, which has no blocks; "
                              "pass depth=None.")
-        return 0
-    depth = DEIT_DEPTH if depth is None else depth
+        return None
+    depth = record.depth if depth is None else depth
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth={depth!r} must be a positive int (DeiT-Base has {DEIT_DEPTH} blocks).")
+        raise ValueError(f"depth={depth!r} must be a positive int ({record.label} has {record.depth} blocks).")
     return depth
 
 
@@ -61,14 +57,7 @@ def probe_points(model_name: str, depth: int | None = None) -> dict[str, str]:
     block's output), each as ``.cls`` (the CLS token) and ``.mean`` (mean of the patch tokens). ``depth``: the
     number of DeiT blocks (12 for DeiT-Base; smaller for test networks).
     """
-    depth = _depth(model_name, depth)
-    if model_name == "alexnet":
-        return dict(ALEXNET_PROBES)
-    points = {"embed.cls": "norm_pre", "embed.mean": "norm_pre"}
-    for i in range(1, depth + 1):
-        points[f"block{i}.cls"] = f"blocks.{i - 1}"
-        points[f"block{i}.mean"] = f"blocks.{i - 1}"
-    return points
+    return backbone(model_name).probe_points(_depth(model_name, depth))
 
 
 def units(model_name: str, depth: int | None = None) -> dict[str, str]:
@@ -78,12 +67,7 @@ def units(model_name: str, depth: int | None = None) -> dict[str, str]:
     block1..blockN (``blocks.0``..), norm, head. A unit holds exactly the state keys equal to its path or under
     ``path + "."`` (:func:`unit_keys`).
     """
-    depth = _depth(model_name, depth)
-    if model_name == "alexnet":
-        return dict(ALEXNET_UNITS)
-    blocks = {f"block{i + 1}": f"blocks.{i}" for i in range(depth)}
-    return {"patch_embed": "patch_embed", "cls_token": "cls_token", "pos_embed": "pos_embed", **blocks,
-            "norm": "norm", "head": "head"}
+    return backbone(model_name).unit_paths(_depth(model_name, depth))
 
 
 def unit_keys(keys: Iterable[str], path: str) -> list[str]:
@@ -96,18 +80,11 @@ def unit_keys(keys: Iterable[str], path: str) -> list[str]:
 
 
 def _model_depth(model: nn.Module, model_name: str) -> int | None:
-    check_name(model_name)
-    return len(model.blocks) if model_name == "deit_base" else None
+    return backbone(model_name).depth_of(model)
 
 
 def _keys_depth(model_name: str, keys: Iterable[str]) -> int | None:
-    check_name(model_name)
-    if model_name == "alexnet":
-        return None
-    found = {int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if not found:
-        raise ValueError("the state has no 'blocks.N.*' keys, so it is not a DeiT state; check model_name.")
-    return max(found) + 1
+    return backbone(model_name).keys_depth(keys)
 
 
 def _reduce(layer: str, out: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
@@ -490,45 +467,12 @@ def perturbed(model: nn.Module, model_name: str, unit: str, mode: str, *,
     return clone
 
 
-class _Tokens(nn.Module):
-    """DeiT's class token and position embedding on the patch tokens, then pos_drop, patch_drop, norm_pre."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        if model.cls_token is None or model.reg_token is not None or model.no_embed_class or model.dynamic_img_size:
-            raise ValueError("resilience supports the stock DeiT token layout (one class token, no register tokens).")
-        self.cls_token, self.pos_embed = model.cls_token, model.pos_embed
-        self.pos_drop, self.patch_drop, self.norm_pre = model.pos_drop, model.patch_drop, model.norm_pre
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        return self.norm_pre(self.patch_drop(self.pos_drop(x)))
-
-
-class _Pool(nn.Module):
-    """timm's CLS-token pooling (global_pool='token'), fc_norm and head_drop."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        if model.global_pool != "token" or model.attn_pool is not None:
-            raise ValueError("resilience supports DeiT's CLS-token pooling (global_pool='token') only.")
-        self.fc_norm, self.head_drop = model.fc_norm, model.head_drop
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head_drop(self.fc_norm(x[:, 0]))
-
-
 def stages(model: nn.Module, model_name: str) -> list[tuple[str, nn.Module]]:
     """The network as a sequence of (key prefix, module) steps whose composition is ``model``'s forward pass:
     AlexNet features.0..12, avgpool, flatten, classifier.0..6; DeiT patch_embed, the tokens step (cls_token,
-    pos_embed, pos_drop, patch_drop, norm_pre), blocks.0.., norm, CLS pooling, head. Modules are shared."""
-    check_name(model_name)
-    if model_name == "alexnet":
-        return ([(f"features.{i}", m) for i, m in enumerate(model.features)] + [("avgpool", model.avgpool),
-                ("", nn.Flatten(1))] + [(f"classifier.{i}", m) for i, m in enumerate(model.classifier)])
-    return ([("patch_embed", model.patch_embed), ("", _Tokens(model))]
-            + [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
-            + [("norm", model.norm), ("", _Pool(model)), ("head", model.head)])
+    pos_embed, pos_drop, patch_drop, norm_pre), blocks.0.., norm, CLS pooling, head. Modules are shared.
+    The backbone record's ``stages``."""
+    return backbone(model_name).stages(model)
 
 
 @dataclass
