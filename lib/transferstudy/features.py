@@ -34,16 +34,7 @@ import torch
 from torch import nn
 
 from . import models, regimes, training
-from .results import atomic_write_bytes
-
-
-def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes (identifies a weights file or a fine-tuned checkpoint)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from .results import atomic_write_bytes, file_digest  # file_digest: the weights id of a file (session, notebook 05)
 
 
 def cache_key(**parts: Any) -> str:

@@ -10,6 +10,7 @@ is written last. ``report.store`` is the one reader of these folders (and writes
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import json
 import os
@@ -35,6 +36,15 @@ def peak_rss_mb(who: str = "self") -> float:
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: the process's umask, which a plain open() would apply
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes (identifies a weights file or a checkpoint; checks a training state's file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

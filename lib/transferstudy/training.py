@@ -34,7 +34,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from tqdm import tqdm  # plain bars: notebooks run under papermill, where widgets cannot render
 
-from .results import write_state_dict
+from .results import file_digest, write_state_dict
 
 Preprocess = Callable[[torch.Tensor, bool], torch.Tensor]
 EpochCallback = Callable[[int, dict[str, float]], bool]
@@ -380,7 +380,7 @@ class TrainState:
                 torch.save(payload, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            path = self.folder / f"{self.name}.r{rank}.e{epoch:04d}.{_sha256_file(Path(tmp))[:16]}.pt"
+            path = self.folder / f"{self.name}.r{rank}.e{epoch:04d}.{file_digest(Path(tmp))[:16]}.pt"
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -394,7 +394,7 @@ class TrainState:
         """The newest sound state file of ``rank``; damaged or foreign ones are reported and deleted."""
         for path in self.files(rank):
             why = None
-            if _sha256_file(path)[:16] != path.name.split(".")[-2]:
+            if file_digest(path)[:16] != path.name.split(".")[-2]:
                 why = "its bytes do not match the checksum in its name (truncated or altered)"
             else:
                 try:
@@ -430,14 +430,6 @@ class TrainState:
         """Delete every rank's state (the run finished)."""
         for path in self.files():
             path.unlink(missing_ok=True)
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _resume_key(key: str, **settings: Any) -> str:
