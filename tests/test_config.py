@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from transferstudy import config
+from transferstudy import config, runner
 
 
 @pytest.mark.parametrize(("regime", "model", "dataset", "key", "value"), [
@@ -88,7 +88,36 @@ def test_a_regime_has_the_same_settings_for_every_model_and_dataset(regime):
 def test_every_regime_with_an_optimizer_takes_momentum():
     # the full fine-tune of DeiT runs AdamW, yet `-p optimizer sgd -p momentum 0.8` must apply to it too
     for regime in ("linear_probe", "partial", "full"):
-        assert config.resolve(regime, "deit_base", "ferplus", "full", {"momentum": 0.8})["momentum"] == 0.8
+        cfg = config.resolve(regime, "deit_base", "ferplus", "full", {"optimizer": "sgd", "momentum": 0.8})
+        assert (cfg["optimizer"], cfg["momentum"]) == ("sgd", 0.8)
+        with pytest.raises(config.ConfigError, match="momentum=0.8 would not be applied, so it is refused: momentum "
+                                                     "is SGD's, adam and adamw have none; this run has optimizer"):
+            config.resolve(regime, "deit_base", "ferplus", "full", {"momentum": 0.8})
+
+
+@pytest.mark.parametrize("name, value, run, fix", [
+    ("momentum", 0.5, ("linear_probe", "alexnet", "cifar10"), "add -p optimizer sgd"),
+    ("warmup_frac", 0.1, ("linear_probe", "alexnet", "ferplus"), "add -p scheduler cosine"),  # plateau there
+    ("max_iter", 50, ("frozen_svm", "alexnet", "cifar10"), None),  # applied: a linear SVM
+    ("label_rule", "argmax", ("frozen_svm", "alexnet", "cifar10"), "select ferplus runs with --only"),
+    ("val_source", "official", ("full", "deit_base", "cifar10"), "select ferplus runs with --only"),
+])
+def test_a_setting_the_selected_runs_would_not_apply_is_refused_and_given_only_where_it_applies(name, value, run, fix):
+    if fix is None:
+        assert config.check_overrides({name: value}, [run], "smoke")[run] == {name: value}
+        with pytest.raises(config.ConfigError, match="none of the selected runs would apply it.*kernel rbf"):
+            config.check_overrides({name: value, "kernel": "rbf"}, [run], "smoke")
+        return
+    with pytest.raises(config.ConfigError, match=f"-p {name}: none of the selected runs would apply it.*{fix}"):
+        config.check_overrides({name: value}, [run], "smoke")
+    # beside a run that applies it, it goes to that run only, and the runner says which runs do not get it
+    other = {"momentum": ("full", "alexnet", "cifar10"), "warmup_frac": ("linear_probe", "deit_base", "ferplus"),
+             "label_rule": ("frozen_svm", "alexnet", "ferplus"), "val_source": ("full", "deit_base", "ferplus")}[name]
+    per_run = config.check_overrides({name: value}, [run, other], "smoke")
+    assert name not in per_run[run] and per_run[other][name] == value
+    specs = [runner.RunSpec(d, m, r) for r, m, d in (run, other)]
+    (note,) = runner._unapplied_notes({name: value}, specs, per_run)
+    assert note.startswith(f"note: -p {name} is not given to {specs[0].key}, which would not apply it")
 
 
 def test_a_setting_given_for_some_runs_of_a_regime_only_is_a_config_error(monkeypatch):

@@ -274,7 +274,11 @@ def test_every_accepted_setting_reaches_the_notebook_of_each_run_that_reads_it(n
         spec = RunSpec(dataset, model, regime)
         value = _valid_value(name, config.readers(name)[0], model, dataset, tmp_path)
         final = runner.run_dir_for(tmp_path, "smoke", spec)
-        if regime in config.readers(name):
+        if regime in config.readers(name) and config.not_applied(
+                name, {**config.resolve(regime, model, dataset, "smoke"), name: value}) is not None:
+            with pytest.raises(config.ConfigError, match=f"-p {name}: none of the selected runs would apply it"):
+                runner.notebook_parameters(spec, "smoke", tmp_path, final, tmp_path, {name: value})
+        elif regime in config.readers(name):
             params = runner.notebook_parameters(spec, "smoke", tmp_path, final, tmp_path, {name: value})
             assert params[name] == value
             assert name in cell_names(regime)  # papermill sets it in the cell; session.start collects it

@@ -407,6 +407,11 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
             cfg[key] = check_value(key, value, model, dataset, kinds[key])
         except ConfigError as exc:
             raise ConfigError(f"parameter {exc}") from None
+    for key, value in (overrides or {}).items():
+        if value is not None and not _is_null_text(value) and (why := not_applied(key, {**cfg, "dataset": dataset})):
+            on, values, _ = APPLIES[key]
+            fix = f"leave {key} out" if on == "dataset" else f"set {on} to {values[0]} as well, or leave {key} out"
+            raise ConfigError(f"parameter {key}={value!r} would not be applied, so it is refused: {why}; {fix}")
     if cfg.get("init") == "stats" and not cfg["pretrained"]:
         raise ConfigError("init='stats' draws each tensor from the statistics of its ImageNet tensor, but pretrained "
                           "is false, so there are none: set pretrained true (and weights_path FILE offline), or "
@@ -509,6 +514,28 @@ _RUN_NAME_HINTS = {
 RunKey = tuple[str, str, str]  # (regime, model, dataset)
 
 
+# Settings a run reads only when another setting has one of some values (or on one dataset): given where they do not
+# apply they would be recorded and change nothing, so a run refuses them and `-p` gives them only to the runs that
+# apply them (and says which do not).
+APPLIES: dict[str, tuple[str, tuple[Any, ...], str]] = {
+    "momentum": ("optimizer", ("sgd",), "momentum is SGD's, adam and adamw have none"),
+    "warmup_frac": ("scheduler", ("cosine",), "only the cosine schedule warms up"),
+    "max_iter": ("kernel", ("linear",), "it bounds the linear SVM's solver, and the RBF SVM runs to convergence"),
+    "label_rule": ("dataset", ("ferplus",), "only FERPlus turns crowd votes into labels"),
+    "val_source": ("dataset", ("ferplus",), "CIFAR-10's validation images are always a split of its training set"),
+}
+
+
+def not_applied(name: str, cfg: Mapping[str, Any]) -> str | None:
+    """Why run settings ``cfg`` would not apply setting ``name`` (``APPLIES``), or None where they apply it."""
+    if name not in APPLIES or name not in cfg:
+        return None
+    on, values, why = APPLIES[name]
+    if cfg.get(on) in values:
+        return None
+    return f"{why}; this run has {on} {cfg.get(on)}"
+
+
 def check_overrides(overrides: Mapping[str, Any], runs: Iterable[RunKey], profile: str) -> dict[RunKey, dict[str, Any]]:
     """Check ``-p`` overrides once for a set of runs, before any of them starts; what each run is to get.
 
@@ -575,6 +602,24 @@ def check_overrides(overrides: Mapping[str, Any], runs: Iterable[RunKey], profil
                 add(f"-p {exc}")
                 continue
             per_run[run][name] = NONE if checked is None else checked
+    for name in [n for n in overrides if n in APPLIES and any(n in per_run[run] for run in runs)]:
+        given = [run for run in runs if name in per_run[run]]
+        skipped: dict[RunKey, str] = {}
+        for run in given:
+            try:
+                cfg = resolve(*run, profile, {k: v for k, v in per_run[run].items() if k not in APPLIES})
+            except ConfigError:
+                continue  # its own problem is reported on its own
+            if (why := not_applied(name, cfg)) is not None:
+                skipped[run] = why
+                del per_run[run][name]
+        if skipped and len(skipped) == len(given):
+            on, values, why = APPLIES[name]
+            add(f"-p {name}: none of the selected runs would apply it, so it would change nothing: {why}, and "
+                f"the selected runs have {on} " + ", ".join(sorted({r.split('this run has ' + on + ' ')[-1]
+                                                                    for r in skipped.values()}))
+                + (f"; select {values[0]} runs with --only, or leave -p {name} out" if on == "dataset" else
+                   f"; add -p {on} {values[0]}, select runs that have it, or leave -p {name} out"))
     if problems:
         if len(problems) == 1:
             raise ConfigError(problems[0])

@@ -88,6 +88,9 @@ def matrix(only: str | None = None) -> list[RunSpec]:
     globs may be given separated by commas.
     """
     specs = [RunSpec(d, m, r) for d in config.DATASETS for m in config.MODELS for r in config.NOTEBOOK_REGIMES]
+    if only is not None and not only.replace(",", "").strip():
+        raise RunnerError(f"--only {only!r} names no run; leave --only out to run every run, or name runs as "
+                          f"dataset/model/regime globs, e.g. cifar10/alexnet/full or '*/deit_base/*'")
     if only:
         globs = [g.strip() for g in only.split(",") if g.strip()]
         specs = [s for s in specs if any(fnmatch.fnmatch(s.key, g) for g in globs)]
@@ -549,6 +552,21 @@ def _unread_notes(overrides: dict[str, Any], specs: Sequence[RunSpec]) -> list[s
     return notes
 
 
+def _unapplied_notes(overrides: dict[str, Any], specs: Sequence[RunSpec],
+                     per_run: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
+    """A line for each -p setting that some selected runs read but would not apply (``config.APPLIES``): it is
+    given only to the others."""
+    notes = []
+    for name in (n for n in overrides if n in config.APPLIES):
+        left = [s.key for s in specs if name in config.notebook_names(s.regime)
+                and name not in per_run[(s.regime, s.model, s.dataset)]]
+        if left:
+            on, values, why = config.APPLIES[name]
+            notes.append(f"note: -p {name} is not given to {', '.join(left)}, which would not apply it ({why}: "
+                         f"they do not have {on} {' or '.join(map(str, values))})")
+    return notes
+
+
 def run_matrix(profile: str, data_root: Path, runs_root: Path, overrides: dict[str, Any] | None = None,
                only: str | None = None, force: bool = False,
                report: Callable[[str], None] = print, wait: float = 0.0) -> list[Outcome]:
@@ -565,7 +583,7 @@ def run_matrix(profile: str, data_root: Path, runs_root: Path, overrides: dict[s
     config.resolve("full", config.MODELS[0], config.DATASETS[0], profile)  # unknown profile -> clear error
     specs = matrix(only)
     per_run = config.check_overrides(overrides, [(s.regime, s.model, s.dataset) for s in specs], profile)
-    notes = _unread_notes(overrides, specs)
+    notes = _unread_notes(overrides, specs) + _unapplied_notes(overrides, specs, per_run)
     _DATA_SIGNATURES.clear()  # the data may have changed since an earlier call in this process
     code = _code_digest()
     root = Path(runs_root)
