@@ -883,3 +883,15 @@ def test_class_folders_may_reuse_a_file_name_across_splits(cifar_dir: Path):
     ds = load_dataset("cifar10", cifar_dir, decode=False)
     names = lambda files: {f.split("/", 1)[1] for f in files}  # noqa: E731
     assert names(ds.train.files + ds.val.files) & names(ds.test.files)
+
+
+@pytest.mark.parametrize("votes, total", [([40, 0, 0, 0, 0, 0, 0, 0, 0, 0], 40), ([0] * 10, 0)])
+def test_a_label_row_whose_votes_cannot_be_ten_annotators_is_refused(tmp_path: Path, votes: list[int], total: int):
+    rows = {"train": [clear_votes(e) for e in FERPLUS_TRAIN_PER_EMOTION for _ in range(3)] + [votes],
+            "valid": [clear_votes(e) for e in FERPLUS_TRAIN_PER_EMOTION],
+            "test": [clear_votes(e) for e in FERPLUS_TRAIN_PER_EMOTION]}
+    root = tmp_path / "ferplus"
+    write_ferplus_microsoft(root, rows)
+    with pytest.raises(DataError, match=rf"FER2013Train.label\.csv, line 25: .*its votes sum to {total}; FERPlus has "
+                                        r"10 annotators per image"):
+        load_dataset("ferplus", root)

@@ -47,6 +47,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "ferplus": ("anger", "contempt", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"),
 }
 LABEL_RULES = ("majority", "argmax", "votes")
+FERPLUS_MAX_VOTES = 10  # annotators per image in Microsoft's label.csv
 _VAL_SOURCES = ("split", "official")
 _VAL_FRACTION = 0.2
 
@@ -504,6 +505,9 @@ def _read_ferplus_csv(root: Path, folder: Path, rule: str) -> tuple[_Pool, dict[
                     if bad:
                         raise ValueError(f"vote count {bad[0]!r} is not a whole number >= 0")
                     votes = [int(v) for v in counts]
+                    if not 1 <= sum(votes) <= FERPLUS_MAX_VOTES:
+                        raise ValueError(f"its votes sum to {sum(votes)}; FERPlus has 10 annotators per image, so "
+                                         f"a row's votes sum to 1..{FERPLUS_MAX_VOTES} (10 in all but one row)")
                 except ValueError as e:
                     raise DataError(
                         f"{csv_path}, line {line_no}: cannot parse row {row!r} ({e}); expected image name, "
