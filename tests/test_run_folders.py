@@ -189,6 +189,12 @@ def test_an_interrupted_run_keeps_the_last_result_and_is_recorded(tmp_path, fake
     assert read_json(final / "meta.json")["attempt"] == 1
     assert read_json(final.with_name("frozen_svm.failed") / "meta.json")["interrupted"] is True
     assert not final.with_name("frozen_svm.lock").exists()  # released on the way out
+    # the interrupted attempt has no outcome: the results table still shows the finished run (it is not hidden)
+    from transferstudy.report import store
+
+    assert store._latest(final) == final
+    write_json(final.with_name("frozen_svm.failed") / "meta.json", {"status": "failed", "error": "a real failure"})
+    assert store._latest(final) == final.with_name("frozen_svm.failed")  # a real, newer failure still wins
 
 
 def test_leftovers_of_runs_not_selected_are_put_right_at_the_start(tmp_path, fake_notebooks):

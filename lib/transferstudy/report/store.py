@@ -214,10 +214,21 @@ def read_run(run_dir: Path, dataset: str | None = None, model: str | None = None
 
 
 def _latest(run_dir: Path) -> Path | None:
-    """The run folder that holds a matrix cell's latest outcome: a failure newer than the success wins."""
+    """The run folder that holds a matrix cell's latest outcome: a failure newer than the success wins, but an
+    attempt that was only interrupted (killed, kept by the runner as ``.failed`` marked ``interrupted``) has no
+    outcome, so it never hides a finished result; the runner resumes it at its next start."""
     failed = run_dir.with_name(run_dir.name + ".failed")
     candidates = [d for d in (run_dir, failed) if (d / "meta.json").is_file()]
+    if len(candidates) == 2 and _interrupted(failed):
+        return run_dir
     return max(candidates, key=lambda d: (d / "meta.json").stat().st_mtime) if candidates else None
+
+
+def _interrupted(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("interrupted") is True
+    except (OSError, ValueError, AttributeError):
+        return False  # an unreadable record is read (and reported as damaged) as the latest outcome
 
 
 def _rows(run: Run) -> list[dict[str, Any]]:
