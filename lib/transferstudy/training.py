@@ -427,8 +427,8 @@ class TrainState:
         return state
 
     def clear(self) -> None:
-        """Delete every rank's state (the run finished)."""
-        for path in self.files():
+        """Delete every rank's state (the run finished), and what a kill in the middle of a write left."""
+        for path in [*self.files(), *self.folder.glob(f".{self.name}.*.tmp")]:
             path.unlink(missing_ok=True)
 
 
