@@ -328,3 +328,21 @@ def test_load_finetuned_gives_the_exported_weights_and_names_a_class_count_misma
     assert all(torch.equal(v, finetuned[1].state_dict()[k]) for k, v in net.state_dict().items())
     with pytest.raises(BundleError, match=r"output size is 3 classes .* but num_classes=10 was asked for"):
         bundle.load_finetuned(finetuned[0], "alexnet", 10)
+
+
+def test_a_bundle_trained_on_gray_images_reads_a_colour_file_as_its_gray_version(kind, images, tmp_path,
+                                                                                   no_torchscript):
+    name, fixture = kind
+    gray = copy_bundle(fixture[0], tmp_path / "gray")
+    edit_json(gray / "meta.json", lambda meta: meta.update(input="gray"))  # as a FERPlus run records it
+    colour = [p for p in images if read_image(p, gray=False).std(axis=0).max() > 0]  # files with colour in them
+    assert colour
+    luma = []
+    for path in colour:
+        luma.append(tmp_path / f"{path.stem}-L.png")
+        Image.fromarray(read_image(path, gray=True)).save(luma[-1])
+    assert bundle.predict_files(gray, colour) == [
+        {**row, "image": str(path)} for row, path in zip(bundle.predict_files(gray, luma), colour, strict=True)]
+    # the same files through the bundle without the record are read in colour, as the RGB networks see them
+    in_colour = bundle.predict_files(fixture[0], colour)
+    assert [r["probability"] for r in in_colour] != [r["probability"] for r in bundle.predict_files(gray, colour)]

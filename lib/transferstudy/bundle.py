@@ -193,12 +193,14 @@ def load_finetuned(bundle_dir: Path, model: str, num_classes: int) -> nn.Module:
                            f"num_classes={num_classes} was asked for")
 
 
-def _read_image(path: str | Path) -> torch.Tensor:
-    """One image file as a uint8 ``[3, H, W]`` RGB tensor at its own size, through the library's one image reader."""
+def _read_image(path: str | Path, gray: bool = False) -> torch.Tensor:
+    """One image file as a uint8 ``[3, H, W]`` tensor at its own size, through the library's one image reader:
+    RGB, or (``gray``, for a network trained on gray images such as FERPlus) its luma in all three channels."""
     from .data import DataError, read_image
 
     try:
-        return torch.from_numpy(read_image(Path(path), gray=False))
+        pixels = torch.from_numpy(np.array(read_image(Path(path), gray=gray)))  # a writable copy
+        return pixels.unsqueeze(0).expand(3, -1, -1) if gray else pixels
     except DataError as exc:
         raise BundleError(f"{exc}; pass image files (JPEG, PNG, ...)") from exc
 
@@ -290,6 +292,7 @@ class Bundle:
     network: nn.Module  # fine-tuned: the whole network; svm: the feature extractor
     pipeline: Any = None
     temperature: float | None = None
+    gray: bool = False  # trained on gray images (meta.json "input"): colour files are read as their luma
 
     def classify(self, image: torch.Tensor) -> tuple[int, float]:
         """Index into :attr:`classes` and its probability for one uint8 ``[C, H, W]`` image, alone."""
@@ -361,7 +364,7 @@ def open_bundle(bundle_dir: str | Path, *, trust_torchscript: bool = False) -> B
         if outputs != len(classes):
             raise BundleError(f"{source}: the model's output size is {outputs}, but classes.json lists "
                               f"{len(classes)} classes; the model and classes.json must come from the same run")
-        return Bundle(bundle_dir, kind, model, classes, preprocess, network)
+        return Bundle(bundle_dir, kind, model, classes, preprocess, network, gray=meta.get("input") == "gray")
 
     pipeline = _load_pipeline(bundle_dir / "classifier.skops", len(classes))
     temperature = meta.get("margin_temperature")
@@ -385,7 +388,8 @@ def open_bundle(bundle_dir: str | Path, *, trust_torchscript: bool = False) -> B
         raise BundleError(f"{source}: the extractor's output size is {features} features, but "
                           f"{bundle_dir / 'classifier.skops'} was fitted on {pipeline.n_features_in_}; "
                           f"the extractor and the classifier must come from the same run")
-    return Bundle(bundle_dir, kind, model, classes, preprocess, network, pipeline, float(temperature))
+    return Bundle(bundle_dir, kind, model, classes, preprocess, network, pipeline, float(temperature),
+                  gray=meta.get("input") == "gray")
 
 
 def predict_files(bundle_dir: str | Path, images: list[str | Path], *,
@@ -401,6 +405,6 @@ def predict_files(bundle_dir: str | Path, images: list[str | Path], *,
     bundle = open_bundle(bundle_dir, trust_torchscript=trust_torchscript)
     rows = []
     for path in images:
-        index, probability = bundle.classify(_read_image(path))
+        index, probability = bundle.classify(_read_image(path, bundle.gray))
         rows.append({"image": str(path), "class": bundle.classes[index], "probability": probability})
     return rows

@@ -297,6 +297,7 @@ def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | 
     if features_pack is not None:
         paths["features_pack"] = str(features_pack)
     recorder = results.RunRecorder(output_dir, {**cfg, **paths})
+    recorder.meta["input"] = "gray" if dataset == "ferplus" else "rgb"  # what the network sees; bundles keep it
     recorder.save_split(ds.split_hash, ds.split_indices, ds.info)
     session = session_class(regime, cfg, ds, device, recorder, cache_dir, log)
     log(f"{regime} · {model} · {dataset}: {session.provenance_line().replace('*', '').replace('`', '')}")
