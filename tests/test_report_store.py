@@ -846,3 +846,33 @@ def test_compare_command_prints_both_intervals_the_difference_and_mcnemar(tmp_pa
     assert cli.main(["compare", str(a), str(c)]) == 2
     err = capsys.readouterr().err
     assert "different test images" in err and str(a) in err and str(c) in err
+
+
+def test_the_results_command_names_the_unreadable_file_of_a_damaged_run(mixed, capsys):
+    from transferstudy import cli
+
+    assert cli.main(["results", "--profile", mixed["profile"].name, "--runs-dir", str(mixed["profile"].parent)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("cifar10/deit_base/full damaged: "))
+    assert str(mixed["dirs"]["damaged"] / "meta.json") in line and "--force" in line
+
+
+def test_book_data_gives_a_cut_off_notebook_a_note_page_naming_it_and_keeps_the_old_pages_until_done(
+        mixed, tmp_path, monkeypatch):
+    from transferstudy import book
+
+    root = tmp_path / "book-root"
+    (root / "book").mkdir(parents=True)
+    (root / "_toc.yml").write_text("format: jb-book\nroot: book/intro\n")
+    svm = mixed["dirs"]["svm"]
+    (svm / "notebook.ipynb").write_text('{"cells": [{"cell_type": "mark')  # cut off mid-write
+    book.generate(mixed["profile"], tmp_path / "no-data", root)
+    page = (root / book.GENERATED / "runs" / "cifar10-alexnet-frozen_svm.md").read_text()
+    assert "This run **damaged**" in page and str(svm / "notebook.ipynb") in page and "--force" in page
+    assert (root / book.GENERATED / "runs" / "cifar10-alexnet-classical.md").is_file()  # the others are written
+    # a failure while writing the pages leaves the previous pages as they were
+    before = sorted(p.name for p in (root / book.GENERATED / "runs").iterdir())
+    monkeypatch.setattr(book, "_write_run_page", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        book.generate(mixed["profile"], tmp_path / "no-data", root)
+    assert sorted(p.name for p in (root / book.GENERATED / "runs").iterdir()) == before

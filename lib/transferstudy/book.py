@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,14 @@ def generate(profile_dir: str | Path, data_root: str | Path, book_root: str | Pa
     except StoreError as exc:
         raise BookError(str(exc)) from exc
     out = book_root / GENERATED
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "runs").mkdir(parents=True)
-    write_context(book_root, profile_dir, data_root)
+    stage = out.with_name(out.name + ".new")  # the pages written beside the old ones, which stay until all are
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "runs").mkdir(parents=True)
     for run in store.runs.values():
-        _write_run_page(store, run, out, bundle)
+        _write_run_page(store, run, stage, bundle)
+    shutil.rmtree(out, ignore_errors=True)
+    stage.rename(out)
+    write_context(book_root, profile_dir, data_root)
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 
@@ -87,8 +91,15 @@ def _write_run_page(store: Store, run: Run, out: Path, bundle: dict[str, Any] | 
     base = out / "runs" / page_name(run.dataset, run.model, run.regime)
     notebook = run.run_dir / "notebook.ipynb" if run.run_dir else None
     if run.ok and notebook is not None and notebook.is_file():
-        nbformat.write(_clean_notebook(nbformat.read(notebook, as_version=4), run), base.with_suffix(".ipynb"))
-        return
+        try:
+            executed = nbformat.read(notebook, as_version=4)
+        except Exception as exc:  # noqa: BLE001 - a cut-off or altered file, of whatever kind
+            run = dataclasses.replace(run, status="damaged", error=f"{notebook} is unreadable "
+                                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                                      f"rerun it with `transferstudy run --only {run.key} --force`")
+        else:
+            nbformat.write(_clean_notebook(executed, run), base.with_suffix(".ipynb"))
+            return
     run_cmd = _rerun_command(store, run)
     if run.status in ("failed", "damaged"):
         partial = (f" The partial notebook, executed up to the failing cell, is `{notebook}`."

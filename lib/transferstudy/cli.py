@@ -113,6 +113,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     else:
         _print_table(rows, ["dataset", "model", "regime", "classifier", "status", "val_accuracy",
                             "test_accuracy", "test_macro_f1", "trainable", "pretrained", "wall_s"])
+        for row in rows:  # what went wrong, for each run that did not finish: the table has no room for it
+            if row["status"] in ("failed", "damaged") and row.get("error"):
+                print(f"{row['dataset']}/{row['model']}/{row['regime']} {row['status']}: "
+                      f"{str(row['error']).splitlines()[0]}")
     return 0
 
 
