@@ -133,8 +133,8 @@ def test_a_failing_run_keeps_the_last_result_and_the_others_still_run(smoke_runs
     ok_run = runs / "smoke" / "cifar10" / "alexnet" / "full"
     metrics_before = (ok_run / "metrics.json").read_text()
     # ferplus is missing from this data root, and the forced cifar10 rerun gets a file that holds no weights
-    code = run_cli("--data-root", str(cifar_only), "--runs-dir", str(runs), "--force",
-                   "--only", "*/alexnet/full,cifar10/alexnet/linear_probe", "-p", "weights_path", __file__)
+    code = cli.main(["run", "--profile", "smoke", "--data-root", str(cifar_only), "--runs-dir", str(runs), "--force",
+                     "--only", "*/alexnet/full,cifar10/alexnet/linear_probe", "-p", "weights_path", __file__])
     assert code == 1
     out = capsys.readouterr().out
     assert "cifar10/alexnet/full: failed" in out and "ferplus/alexnet/full: failed" in out
