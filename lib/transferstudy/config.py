@@ -604,20 +604,19 @@ def check_overrides(overrides: Mapping[str, Any], runs: Iterable[RunKey], profil
             per_run[run][name] = NONE if checked is None else checked
     for name in [n for n in overrides if n in APPLIES and any(n in per_run[run] for run in runs)]:
         given = [run for run in runs if name in per_run[run]]
-        skipped: dict[RunKey, str] = {}
+        on, values, why = APPLIES[name]
+        skipped: dict[RunKey, str] = {}  # run -> the value of ``on`` that keeps it from applying ``name``
         for run in given:
             try:
                 cfg = resolve(*run, profile, {k: v for k, v in per_run[run].items() if k not in APPLIES})
             except ConfigError:
                 continue  # its own problem is reported on its own
-            if (why := not_applied(name, cfg)) is not None:
-                skipped[run] = why
+            if not_applied(name, cfg) is not None:
+                skipped[run] = str(cfg.get(on))
                 del per_run[run][name]
         if skipped and len(skipped) == len(given):
-            on, values, why = APPLIES[name]
             add(f"-p {name}: none of the selected runs would apply it, so it would change nothing: {why}, and "
-                f"the selected runs have {on} " + ", ".join(sorted({r.split('this run has ' + on + ' ')[-1]
-                                                                    for r in skipped.values()}))
+                f"the selected runs have {on} " + ", ".join(sorted(set(skipped.values())))
                 + (f"; select {values[0]} runs with --only, or leave -p {name} out" if on == "dataset" else
                    f"; add -p {on} {values[0]}, select runs that have it, or leave -p {name} out"))
     if problems:
