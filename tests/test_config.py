@@ -132,3 +132,14 @@ def test_a_setting_given_for_some_runs_of_a_regime_only_is_a_config_error(monkey
 def test_the_validation_split_is_fixed_not_a_setting():
     # data.load_dataset always holds out a stratified 20% of train: a val_fraction setting would be ignored
     assert "val_fraction" not in config.all_keys()
+
+
+def test_a_runs_own_settings_replayed_as_overrides_are_accepted_though_some_are_not_applied():
+    # the classroom pack and the book replay a run's whole params.json: its profile values include momentum on
+    # AdamW runs and label_rule none on CIFAR-10, which change nothing; a changed value is still refused
+    for regime, model, dataset in (("linear_probe", "alexnet", "cifar10"), ("full", "deit_base", "cifar10")):
+        cfg = config.resolve(regime, model, dataset, "smoke")
+        replayed = {k: v for k, v in cfg.items() if k not in config.IDENTITY}
+        assert config.resolve(regime, model, dataset, "smoke", replayed) == cfg
+    with pytest.raises(config.ConfigError, match="label_rule='argmax' would not be applied"):
+        config.resolve("linear_probe", "alexnet", "cifar10", "smoke", {"label_rule": "argmax"})

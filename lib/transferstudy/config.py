@@ -397,6 +397,7 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
             cfg[key] = check_value(key, value, model, dataset, kinds[key])
         except ConfigError as exc:
             raise ConfigError(f"{PROFILE_FILE.name}, profile {profile}, run {dataset}/{model}/{regime}: {exc}") from None
+    profile_values = dict(cfg)
     for key, value in (overrides or {}).items():
         if value is None or _is_null_text(value):
             continue
@@ -407,8 +408,9 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
             cfg[key] = check_value(key, value, model, dataset, kinds[key])
         except ConfigError as exc:
             raise ConfigError(f"parameter {exc}") from None
-    for key, value in (overrides or {}).items():
-        if value is not None and not _is_null_text(value) and (why := not_applied(key, {**cfg, "dataset": dataset})):
+    for key, value in (overrides or {}).items():  # a changed value the run would not apply (the profile's own is
+        changed = key in cfg and cfg[key] != profile_values[key]  # not applied there either, and changes nothing)
+        if changed and (why := not_applied(key, {**cfg, "dataset": dataset})):
             on, values, _ = APPLIES[key]
             fix = f"leave {key} out" if on == "dataset" else f"set {on} to {values[0]} as well, or leave {key} out"
             raise ConfigError(f"parameter {key}={value!r} would not be applied, so it is refused: {why}; {fix}")
