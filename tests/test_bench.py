@@ -84,8 +84,12 @@ def test_bench_runs_both_pipelines_and_writes_every_key(tmp_path, noise_cifar, c
     assert 1 <= result["train_step_reps"] <= 10
     assert result["peak_rss_mb"] >= result["peak_rss_self_mb"] > 0
     assert result["peak_rss_children_mb"] > 0  # the naive pipeline's DataLoader workers
-    assert len(result["targets"]) == 6 and all(isinstance(t["met"], bool) for t in result["targets"])
+    assert len(result["targets"]) == 8 and all(isinstance(t["met"], bool) for t in result["targets"])
     assert next(t for t in result["targets"] if "exactly 1" in t["target"])["met"] is True
+    # the layer-wise analysis: one pass per image for all 7 probe points; resilience as re-running the network
+    assert result["analysis_images"] == 5 and result["analysis_passes_per_image"] == 1.0
+    assert result["resilience_units"] == 8 and result["resilience_same_accuracy"] is True
+    assert result["resilience_saving"] == pytest.approx(result["resilience_naive_s"] / result["resilience_cached_s"])
 
     shown = capsys.readouterr().out
     assert "random init (pretrained: false)" in shown and "backbone passes per image" in shown

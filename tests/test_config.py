@@ -48,7 +48,7 @@ def test_user_overrides_beat_the_profile_and_none_keeps_it():
 
 
 @pytest.mark.parametrize(("args", "match"), [
-    (("nope", "alexnet", "cifar10", "full"), "unknown regime 'nope'"),
+    (("nope", "alexnet", "cifar10", "full"), "unknown regime or analysis 'nope'.*feature_reuse"),
     (("full", "vgg", "cifar10", "full"), "unknown model 'vgg'"),
     (("full", "alexnet", "mnist", "full"), "unknown dataset 'mnist'"),
     (("full", "alexnet", "cifar10", "fast"), "unknown profile 'fast'.*smoke"),

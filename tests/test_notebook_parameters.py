@@ -18,7 +18,7 @@ import pytest
 from transferstudy import config, regimes, session
 from transferstudy.runner import NOTEBOOK_DIR, NOTEBOOKS
 
-REGIMES = config.NOTEBOOK_REGIMES
+REGIMES = config.NOTEBOOKS  # the regimes and the analyses
 SESSION_SOURCE = Path(session.__file__)
 REGIMES_SOURCE = Path(regimes.__file__)
 CONFIG_SOURCE = Path(config.__file__)
@@ -229,7 +229,7 @@ def settings_read(regime: str) -> set[str]:
     code = later_code(regime)
     reads = set(re.findall(r'cfg\[\s*"(\w+)"\s*\]', code)) | set(re.findall(r'cfg\.get\(\s*"(\w+)"', code))
     functions, seen = _session_functions(), set()
-    todo = ["start", *re.findall(r"\brun\.(\w+)", code)]
+    todo = ["start", *re.findall(r"\b(?:\w+_)?run\.(\w+)", code)]  # run, and sessions named like svm_run
     while todo:
         name = todo.pop()
         if name in seen or name not in functions:

@@ -346,6 +346,13 @@ def test_cka_matrix_and_bootstrap() -> None:
     assert reuse.cka_bootstrap(a[1], b["p"], batch_size=40, n_boot=60) == (value, low, high)
     with pytest.raises(ValueError, match="n >= 4"):
         reuse.cka(a[0][:3], a[0][:3])
+    # a representation no image changes (DeiT's CLS token before block 1) has no CKA: refused, or NaN on request
+    constant = np.tile(rng.normal(size=(1, 5)), (120, 1))
+    with pytest.raises(ValueError, match=r"xs layer\(s\) \[1\] have summed HSIC <= 0"):
+        reuse.cka_matrix([a[0], constant])
+    with_nan = reuse.cka_matrix([a[0], constant], undefined="nan")
+    assert with_nan[0, 0] == pytest.approx(1.0) and np.isnan(with_nan[1]).all() and np.isnan(with_nan[:, 1]).all()
+    assert all(np.isnan(v) for v in reuse.cka_bootstrap(constant, a[0], n_boot=5))
     with pytest.raises(ValueError, match="features_a has 120 images, features_b 100"):
         reuse.cka_matrix(a, [b["p"][:100]])
     with pytest.raises(ValueError, match="batch_size=2"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from transferstudy import cli, results, runner
+from transferstudy import cli, preflight, results, runner
 from transferstudy.results import read_json, write_json
 
 RUN = "cifar10/alexnet/frozen_svm"
@@ -148,6 +148,7 @@ def fake_notebooks(monkeypatch) -> list[dict]:
         write_json(out / "meta.json", {"status": "ok", "attempt": len(calls)})
 
     monkeypatch.setattr(runner, "execute_notebook", execute_notebook)
+    monkeypatch.setattr(preflight, "check_runs", lambda runs, data_root: None)  # no data, no weights: not needed
     return calls
 
 
@@ -167,6 +168,7 @@ def test_a_finished_run_not_yet_swapped_is_moved_in_at_the_next_start_and_counts
     with pytest.raises(Crash):
         matrix(tmp_path, force=True)
     monkeypatch.undo()
+    monkeypatch.setattr(preflight, "check_runs", lambda runs, data_root: None)  # undone above with the crash
     assert not final.exists() and final.with_name("frozen_svm.old").is_dir()
     (outcome,), lines = matrix(tmp_path)
     assert any("moved in the finished run that an interrupted runner left in frozen_svm.running" in line

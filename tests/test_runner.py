@@ -13,11 +13,12 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
+import pandas as pd
 import papermill as pm
 import pytest
 from synthetic import clear_votes, write_cifar_imagefolder, write_ferplus_microsoft
 
-from transferstudy import bundle, cli, results, runner
+from transferstudy import bundle, cli, config, results, reuse, runner
 from transferstudy.runner import NOTEBOOKS, NOTEBOOK_DIR
 
 pytestmark = pytest.mark.slow
@@ -63,7 +64,7 @@ def test_every_notebook_runs_and_lands_in_the_results_table(smoke_runs, capsys):
             "test_macro_f1", "trainable", "total", "pretrained", "profile", "device", "wall_s", "run_dir"}
     assert rows and all(keys <= set(row) for row in rows)
     ran = {(r["dataset"], r["regime"]) for r in rows}
-    assert ran == {("cifar10", regime) for regime in NOTEBOOKS} | {("ferplus", "linear_probe")}
+    assert ran == {("cifar10", regime) for regime in config.NOTEBOOK_REGIMES} | {("ferplus", "linear_probe")}
     for row in rows:
         assert row["status"] == "ok" and row["pretrained"] is False and row["profile"] == "smoke"
         assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["val_accuracy"] <= 1.0
@@ -95,12 +96,58 @@ def test_run_folder_holds_every_record(smoke_runs):
     assert not errors
 
 
+def test_the_feature_reuse_run_keeps_every_measure_of_every_layer(smoke_runs):
+    run = smoke_runs / "smoke" / "cifar10" / "alexnet" / "feature_reuse"
+    frame = pd.read_csv(run / "feature_reuse.csv")
+    assert list(frame.columns) == ["network", "layer", "measure", "value", "ci_low", "ci_high"]
+    layers, units = list(reuse.probe_points("alexnet")), list(reuse.units("alexnet"))
+    for network in ("backbone", "partial", "full"):
+        for k in ("knn_k20", "knn_k200"):
+            rows = frame.query("network == @network and measure == @k")
+            assert list(rows["layer"]) == layers
+            assert ((rows["ci_low"] <= rows["value"]) & (rows["value"] <= rows["ci_high"])).all()
+    for network in ("partial", "full"):
+        cka = frame.query("network == @network and measure == 'cka'")
+        assert list(cka["layer"]) == layers and cka["value"].between(-0.05, 1.05).all()
+        for measure in ("weight_distance", "resilience_restore", "resilience_redraw"):
+            assert list(frame.query("network == @network and measure == @measure")["layer"]) == units
+    # the partial fine-tune froze conv1-conv4: they did not move, and restoring them changes nothing at all
+    moved = frame.query("network == 'partial' and measure == 'weight_distance'").set_index("layer")["value"]
+    assert (moved[["conv1", "conv2", "conv3", "conv4"]] == 0).all() and moved["head"] > 0
+    base = frame.query("network == 'partial' and measure == 'accuracy'")["value"].item()
+    restored = frame.query("network == 'partial' and measure == 'resilience_restore'").set_index("layer")["value"]
+    assert (restored[["conv1", "conv2", "conv3", "conv4"]] == base).all()
+    # the representations of the queries, the same images in every network's file
+    meta = results.read_json(run / "meta.json")
+    for network in ("backbone", "partial", "full"):
+        with np.load(run / f"representations-{network}.npz") as npz:
+            assert sorted(npz.files) == sorted(layers)
+            assert {npz[layer].shape[0] for layer in layers} == {meta["queries"]}
+            assert npz["fc7"].dtype == np.float16 and npz["pool1"].shape[1] == 64
+    with np.load(run / "cka_matrices.npz") as npz:
+        matrix = npz["cka_backbone"]
+        assert matrix.shape == (len(layers),) * 2 and np.allclose(np.diag(matrix), 1.0)
+
+
+def test_the_data_scarcity_run_trains_each_regime_on_nested_subsets(smoke_runs):
+    run = smoke_runs / "smoke" / "cifar10" / "alexnet" / "data_scarcity"
+    frame = pd.read_csv(run / "data_scarcity.csv")
+    cfg = config.resolve("data_scarcity", "alexnet", "cifar10", "smoke")
+    assert set(frame["regime"]) == {"frozen_svm", "linear_probe", *cfg["finetunes"]}
+    assert frame["n_test"].nunique() == 1  # the test split never shrinks
+    for regime, rows in frame.groupby("regime"):
+        seeds = cfg["subset_seeds"] if regime in ("frozen_svm", "linear_probe") else cfg["finetune_seeds"]
+        assert len(rows) == (len(cfg["fractions"]) - 1) * seeds + 1, regime  # 100% is trained once
+        assert rows.groupby("seed")["n_train"].apply(lambda n: n.is_monotonic_increasing).all()
+    assert frame.query("fraction == 1.0")["n_train"].nunique() == 1
+
+
 def test_rerun_skips_finished_work_and_force_redoes_it(smoke_runs, synthetic_root, capsys):
     meta = smoke_runs / "smoke" / "cifar10" / "alexnet" / "frozen_svm" / "meta.json"
     before = meta.read_text()
     capsys.readouterr()
     assert run_cli("--data-root", str(synthetic_root), "--runs-dir", str(smoke_runs), "--only", ALEXNET_RUNS) == 0
-    assert "0 ran, 6 unchanged (skipped), 0 failed" in capsys.readouterr().out
+    assert "0 ran, 8 unchanged (skipped), 0 failed" in capsys.readouterr().out
     assert meta.read_text() == before
     assert run_cli("--data-root", str(synthetic_root), "--runs-dir", str(smoke_runs), "--force",
                    "--only", "cifar10/alexnet/frozen_svm") == 0
@@ -128,26 +175,43 @@ def test_unknown_override_is_rejected_before_anything_runs(smoke_runs, synthetic
 def test_a_failing_run_keeps_the_last_result_and_the_others_still_run(smoke_runs, synthetic_root, tmp_path, capsys):
     runs = tmp_path / "runs"
     shutil.copytree(smoke_runs, runs)
-    cifar_only = tmp_path / "root"
-    shutil.copytree(synthetic_root / "cifar10", cifar_only / "cifar10")
+    damaged = tmp_path / "root"
+    shutil.copytree(synthetic_root / "cifar10", damaged / "cifar10")
+    cut = sorted((damaged / "cifar10" / "test").rglob("*.jpg"))[0]
+    cut.write_bytes(cut.read_bytes()[:200])  # an image that lists fine and fails to decode: inside the notebook
     ok_run = runs / "smoke" / "cifar10" / "alexnet" / "full"
     metrics_before = (ok_run / "metrics.json").read_text()
-    # ferplus is missing from this data root, and the forced cifar10 rerun gets a file that holds no weights
-    code = cli.main(["run", "--profile", "smoke", "--data-root", str(cifar_only), "--runs-dir", str(runs), "--force",
-                     "--only", "*/alexnet/full,cifar10/alexnet/linear_probe", "-p", "weights_path", __file__])
+    code = cli.main(["run", "--profile", "smoke", "--data-root", str(damaged), "--runs-dir", str(runs), "--force",
+                     "--only", "cifar10/alexnet/full,cifar10/alexnet/frozen_svm", "-p", "pretrained", "false"])
     assert code == 1
     out = capsys.readouterr().out
-    assert "cifar10/alexnet/full: failed" in out and "ferplus/alexnet/full: failed" in out
+    assert "cifar10/alexnet/frozen_svm: failed" in out and "cifar10/alexnet/full: failed" in out  # both tried
     # the earlier result is untouched; the failed attempt is kept beside it
     assert (ok_run / "metrics.json").read_text() == metrics_before
     assert (ok_run.with_name("full.failed") / "notebook.ipynb").is_file()
     rows = table(runs, capsys)
     status = {(r["dataset"], r["regime"]): r for r in rows if r["best"] is not False}  # one row per run
     assert status[("cifar10", "full")]["status"] == "failed"
-    assert "weights_path" in status[("cifar10", "full")]["error"]
-    assert "ferplus" in status[("ferplus", "full")]["error"]
+    assert f"cannot decode image {cut}" in status[("cifar10", "full")]["error"]
     # a run not asked for keeps its success
     assert status[("cifar10", "partial")]["status"] == "ok"
+
+
+def test_inputs_that_cannot_work_are_refused_before_any_run(smoke_runs, synthetic_root, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(smoke_runs, runs)
+    cifar_only = tmp_path / "root"
+    shutil.copytree(synthetic_root / "cifar10", cifar_only / "cifar10")
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    # ferplus is missing from this data root, and the weights file holds no weights
+    code = cli.main(["run", "--profile", "smoke", "--data-root", str(cifar_only), "--runs-dir", str(runs), "--force",
+                     "--only", "*/alexnet/full", "-p", "weights_path", __file__, "-p", "n_test", "9"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "2 problems with the inputs, nothing was run" in err
+    assert f"data folder {cifar_only / 'ferplus'} does not exist" in err
+    assert f"weights_path {__file__!r} is not a readable state dict" in err
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before  # no folder made, no run touched
 
 
 @pytest.mark.parametrize("regime", ["full", "frozen_svm"])

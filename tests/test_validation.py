@@ -12,11 +12,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from transferstudy import cli, config, runner, session
+from transferstudy import cli, config, preflight, runner, session
 from transferstudy.runner import NOTEBOOK_DIR, NOTEBOOKS, RunSpec
 
 PROFILES = tuple(config.profiles())
-ALL_RUNS = [(r, m, d) for r in config.NOTEBOOK_REGIMES for m in config.MODELS for d in config.DATASETS]
+ALL_RUNS = [(r, m, d) for r in config.NOTEBOOKS for m in config.MODELS for d in config.DATASETS]
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_the_schemas_choices_are_the_librarys():
     assert dict(s["embedding"].per_model) == models.EMBEDDINGS
     # the regimes that read each setting are the ones whose parameters cell defines it
     for name in config.SCHEMA:
-        assert set(config.readers(name)) == {r for r in config.NOTEBOOK_REGIMES if name in cell_names(r)}, name
+        assert set(config.readers(name)) == {r for r in config.NOTEBOOKS if name in cell_names(r)}, name
 
 
 # --- bad values stop before anything runs, once for the whole matrix ----------------------------------
@@ -181,7 +181,7 @@ def test_null_keeps_the_profiles_value_so_it_is_refused_where_that_is_not_null(t
     assert code == 2
     assert err.count("-p n_train null") == 1, err  # once, for the 20 runs
     assert ("-p n_train null: null keeps the profile's value (20 in the smoke profile for cifar10/alexnet/"
-            "frozen_svm and 19 more of the selected runs), so it would change nothing; for the whole train split "
+            "frozen_svm and 27 more of the selected runs), so it would change nothing; for the whole train split "
             "write -p n_train none (or all)" in err)
     # where the profile's value is null already, null changes nothing either way and is not passed on
     assert config.check_overrides({"n_train": None}, [("full", "alexnet", "cifar10")], "full") == {
@@ -299,14 +299,17 @@ def test_the_matrix_passes_a_setting_to_the_runs_that_read_it_and_says_which_do_
 
     monkeypatch.setattr(runner, "execute", execute)
     monkeypatch.setattr(runner, "write_table", lambda root: None)
+    monkeypatch.setattr(preflight, "check_runs", lambda runs, data_root: None)  # no data here: not what is tested
     lines: list[str] = []
     runner.run_matrix("smoke", tmp_path / "data", tmp_path / "runs", {"batch_size": 16, "C": 2},
                       only="cifar10/alexnet/*", report=lines.append)
     assert passed == {"cifar10/alexnet/frozen_svm": {"C": 2.0}, "cifar10/alexnet/linear_probe": {"batch_size": 16},
                       "cifar10/alexnet/partial": {"batch_size": 16}, "cifar10/alexnet/full": {"batch_size": 16},
-                      "cifar10/alexnet/classical": {}}
-    assert any(line.startswith("note: -p batch_size applies to the linear_probe, partial, full runs; the "
-                               "frozen_svm, classical runs do not read it (frozen_svm: the frozen SVM trains")
+                      "cifar10/alexnet/classical": {}, "cifar10/alexnet/feature_reuse": {},
+                      "cifar10/alexnet/data_scarcity": {"batch_size": 16}}
+    assert any(line.startswith("note: -p batch_size applies to the linear_probe, partial, full, data_scarcity runs; "
+                               "the frozen_svm, classical, feature_reuse runs do not read it "
+                               "(frozen_svm: the frozen SVM trains")
                for line in lines), lines
 
 

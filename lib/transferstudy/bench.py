@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 from tqdm import tqdm  # not tqdm.auto: its bar calls iter() eagerly, starting a second DataLoader iterator
 
-from . import classical, config, data, features, models, regimes, session, training
+from . import classical, config, data, features, models, regimes, reuse, session, training
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessor
 from .results import atomic_write_bytes, peak_rss_mb
 
@@ -56,6 +56,9 @@ MIN_NAIVE_FORWARDS = 12.0
 # the forward-speed target per backbone (its record's min_forward_peak_fraction)
 MIN_FORWARD_PEAK_FRACTION = {name: b.min_forward_peak_fraction for name, b in models.BACKBONES.items()}
 MAX_PREPROCESS_SHARE = 0.05
+# The layer-wise analysis (issue #12): resilience with each unit's input cached, against re-running the whole
+# network per unit and mode; the target is DeiT-Base's (AlexNet's early units leave little to skip).
+MIN_RESILIENCE_SAVING = {"deit_base": 1.8}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ImageNet weights: auto uses them when available, else random init (and says so)")
     parser.add_argument("--weights-path", default=None, help="a local ImageNet state-dict file")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--analysis-images", type=int, default=32,
+                        help="test images for the layer-wise analysis's costs (probe passes, resilience; default 32)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON (atomically)")
     parser.add_argument("--markdown", default=None, metavar="FILE",
@@ -95,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
 def _check_args(args: argparse.Namespace) -> None:
     for name, low, why in (("n", 4, "val and test get n/4 images each"), ("epochs", 1, "the study used 10"),
                            ("batch_size", 1, "the study used 64"), ("eval_batch_size", 1, "e.g. 128"),
+                           ("analysis_images", 4, "e.g. 32"),
                            ("workers", 0, "0 loads in the main process")):
         value = getattr(args, name)
         if value < low:
@@ -108,6 +114,7 @@ def command(args: argparse.Namespace) -> str:
     parts = ["transferstudy", "bench", "--model", args.model, "--dataset", args.dataset, "--n", str(args.n),
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
              "--eval-batch-size", str(args.eval_batch_size), "--workers", str(args.workers),
+             "--analysis-images", str(args.analysis_images),
              "--pretrained", args.pretrained, "--device", args.device, "--seed", str(args.seed)]
     for flag, value in (("--data-dir", args.data_dir), ("--weights-path", args.weights_path),
                         ("--json", args.json), ("--markdown", args.markdown)):
@@ -150,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     forward = _forward_speed(setup, ds)
     share = _preprocess_share(setup, ds)
+    analysis = _analysis_costs(setup, ds)
     usage_self, usage_children = peak_rss_mb("self"), peak_rss_mb("children")
     result: dict[str, Any] = {
         "model": args.model, "dataset": args.dataset, "n": args.n, "n_val": n_eval, "n_test": n_eval,
@@ -160,6 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "probe_acc_diff_pp": 100 * (cached["probe_test_acc"] - naive["probe_test_acc"]),
         **forward,
         **share,
+        **analysis,
         "peak_rss_mb": usage_self + usage_children,
         "peak_rss_self_mb": usage_self,
         "peak_rss_children_mb": usage_children,
@@ -571,6 +580,42 @@ def _preprocess_share(setup: _Setup, ds: data.DatasetSplits, seconds: float = 10
             "train_step_ms": 1000 * step_s, "train_step_reps": reps, "train_step_augment": cfg["augment"]}
 
 
+def _analysis_costs(setup: _Setup, ds: data.DatasetSplits) -> dict[str, Any]:
+    """The layer-wise analysis's two costs on ``--analysis-images`` test images: backbone passes per image for the
+    features of every probe point (``features.probes``, no cache), and the resilience stage (``reuse.resilience``:
+    each unit's input cached, so a changed unit re-runs only what follows it) against re-running the whole network
+    for every unit and mode (``reuse.perturbed``), with the same accuracies checked."""
+    args, device, net = setup.args, setup.device, setup.net
+    test = ds.test.take(range(min(args.analysis_images, len(ds.test))))
+    pre = Preprocessor(size=224, mode="resize", channels_last=models.channels_last(args.model))
+    counter = _ForwardCounter(_backbone(net, args.model))
+    counter.split = "test"
+    features.probes(net, args.model, {"test": test}, weights_id=None, cache_dir=None, preprocess=pre,
+                    batch_size=args.eval_batch_size, device=device, log=lambda line: None)
+    passes = counter.images["test"] / len(test)
+    counter.remove()
+    generator = torch.Generator().manual_seed(args.seed)  # a start the network differs from, so restoring matters
+    start = {k: v + 0.05 * v.std().nan_to_num() * torch.randn(v.shape, generator=generator).to(v)
+             if v.is_floating_point() and v.numel() > 1 else v.clone() for k, v in net.state_dict().items()}
+    batches = list(training.eval_batches(test, preprocess=pre, batch_size=args.eval_batch_size, device=device))
+    began = time.perf_counter()
+    cached = reuse.resilience(net, args.model, start, batches, seed=args.seed)
+    _sync(device)
+    cached_s = time.perf_counter() - began
+    began, same = time.perf_counter(), True
+    with torch.no_grad():
+        for mode, scores in (("restore", cached.restore), ("redraw", cached.redraw)):
+            for unit, accuracy in scores.items():
+                whole = reuse.perturbed(net, args.model, unit, mode, initial_state=start, seed=args.seed).eval()
+                right = sum(int((whole(x).argmax(1) == y).sum()) for x, y in batches)
+                same &= right == round(accuracy * cached.images)
+    _sync(device)
+    naive_s = time.perf_counter() - began
+    return {"analysis_images": len(test), "analysis_passes_per_image": passes,
+            "resilience_units": len(cached.restore), "resilience_cached_s": cached_s, "resilience_naive_s": naive_s,
+            "resilience_saving": naive_s / cached_s, "resilience_same_accuracy": same}
+
+
 # --- reporting -------------------------------------------------------------------------------
 
 
@@ -594,6 +639,14 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
          "met": result["forward_peak_fraction"] >= min_fraction},
         {"target": f"preprocessing <= {MAX_PREPROCESS_SHARE:.0%} of a full fine-tuning step",
          "measured": f"{result['preprocess_share']:.1%}", "met": result["preprocess_share"] <= MAX_PREPROCESS_SHARE},
+        {"target": "layer-wise analysis: 1 backbone pass per image for every probe point",
+         "measured": f"{result['analysis_passes_per_image']:.2f}", "met": result["analysis_passes_per_image"] == 1.0},
+        {"target": "resilience with cached unit inputs scores as re-running the whole network per unit",
+         "measured": "same accuracies" if result["resilience_same_accuracy"] else "accuracies differ",
+         "met": bool(result["resilience_same_accuracy"])},
+        *([{"target": f"resilience >= {saving:g}x faster than re-running the whole network per unit",
+            "measured": f"{result['resilience_saving']:.2f}x", "met": result["resilience_saving"] >= saving}]
+          if (saving := MIN_RESILIENCE_SAVING.get(result["model"])) else []),
     ]
 
 
@@ -620,6 +673,10 @@ def _machine_lines(result: dict[str, Any]) -> list[str]:
         f"preprocessing {result['preprocess_share']:.1%} of a full fine-tuning step "
         f"({result['preprocess_ms']:.1f} ms vs {result['train_step_ms']:.1f} ms, best of {result['train_step_reps']}, "
         f"augment {result['train_step_augment']})",
+        f"layer-wise analysis on {result['analysis_images']} test images: {result['analysis_passes_per_image']:.2f} "
+        f"backbone passes per image for every probe point; resilience ({result['resilience_units']} units x restore "
+        f"and redraw) {result['resilience_cached_s']:.1f} s with cached unit inputs vs {result['resilience_naive_s']:.1f} "
+        f"s re-running the whole network ({result['resilience_saving']:.2f}x)",
         f"peak resident memory {result['peak_rss_mb']:.0f} MB ({result['peak_rss_self_mb']:.0f} MB this process "
         f"+ {result['peak_rss_children_mb']:.0f} MB largest DataLoader worker)",
     ]

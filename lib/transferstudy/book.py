@@ -19,11 +19,13 @@ from typing import Any
 
 import nbformat
 
-from . import runner
+from . import config, runner
 from .report.store import Run, Store, StoreError, write_context
 
 GENERATED = Path("book") / "_generated"
-_PATH_PARAMETERS = ("data_dir", "output_dir", "cache_dir", "source_dir")
+# The parameters that are paths on the machine that ran the notebook: left out of the pages.
+_PATH_PARAMETERS = ("data_dir", "output_dir", "cache_dir", *sorted({n for names in config.SOURCE_NAMES.values()
+                                                                   for n in names}))
 
 
 class BookError(ValueError):
@@ -56,7 +58,7 @@ def generate(profile_dir: str | Path, data_root: str | Path, book_root: str | Pa
     stage = out.with_name(out.name + ".new")  # the pages written beside the old ones, which stay until all are
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "runs").mkdir(parents=True)
-    for run in store.runs.values():
+    for run in store.every_run():
         _write_run_page(store, run, stage, bundle)
     shutil.rmtree(out, ignore_errors=True)
     stage.rename(out)

@@ -34,6 +34,11 @@ PROFILE_FILE = Path(__file__).with_name("profiles.yaml")
 MODELS = ("alexnet", "deit_base")
 DATASETS = ("cifar10", "ferplus")
 NOTEBOOK_REGIMES = ("frozen_svm", "linear_probe", "partial", "full", "classical")
+# The analyses of how the regimes reuse ImageNet features (Matsoukas et al. 2022): runs of the matrix like the
+# regimes, one notebook each, read after the regimes they measure. profiles.yaml lists their settings under
+# `analyses`, the regimes' under `regimes`.
+ANALYSES = ("feature_reuse", "data_scarcity")
+NOTEBOOKS = NOTEBOOK_REGIMES + ANALYSES  # every notebook of the matrix, in the order the runner runs them
 WILDCARDS = ("all", "common")
 IDENTITY = ("regime", "model", "dataset", "profile")  # what resolve adds to every run's settings
 # Which run and where, in every regime notebook; not settings.
@@ -41,7 +46,9 @@ RUN_NAMES = ("model", "dataset", "profile", "data_dir", "output_dir", "cache_dir
 # Where a regime reads its inputs from besides the data, in its notebook only: the classical regime's fine-tune
 # (its run folder), and the classroom pack that replaces the images and the backbone pass of the frozen
 # regimes (`transferstudy classroom-pack`; papermill -p features_pack PACK, None: the images).
-SOURCE_NAMES = {"classical": ("source_dir",), "frozen_svm": ("features_pack",), "linear_probe": ("features_pack",)}
+# The feature-reuse analysis reads the partial and the full fine-tune beside it.
+SOURCE_NAMES = {"classical": ("source_dir",), "frozen_svm": ("features_pack",), "linear_probe": ("features_pack",),
+                "feature_reuse": ("partial_dir", "full_dir")}
 
 # Settings a regime has (every regime has the `common` ones) but never reads, so its notebook's
 # parameters cell leaves them out; an override of one is accepted (a `-p` for the whole matrix)
@@ -59,6 +66,14 @@ NOT_IN_NOTEBOOK: dict[str, dict[str, str]] = {
         "micro_batch_size": "the classical regime trains no network",
         "n_embed_plot": "the classical regime keeps no embeddings for the book's figures (its fine-tune's run does)",
         "weights_path": "the classical regime loads its fine-tune's checkpoint (source_dir), not ImageNet weights",
+    },
+    "feature_reuse": {
+        "batch_size": "the feature-reuse analysis trains no network",
+        "micro_batch_size": "the feature-reuse analysis trains no network",
+        "n_embed_plot": "the feature-reuse analysis keeps its own representations (representations-*.npz)",
+    },
+    "data_scarcity": {
+        "n_embed_plot": "the data-scarcity analysis keeps no embeddings for the book's figures",
     },
 }
 
@@ -158,6 +173,17 @@ SCHEMA: dict[str, Setting] = {
     "classifiers": Setting("list", "the classical classifiers to fit", ("linear_svm", "logistic_regression",
                            "rbf_svm_pca256", "sgd_hinge", "knn_pca128", "random_forest", "mlp")),
     "refit_on_trainval": Setting("bool", "also refit each classifier on train + val and score test"),
+    # feature_reuse
+    "n_boot": Setting("int", "bootstrap resamples of the test images for each CKA interval", low=1),
+    "n_resilience": Setting("int", "test images scored with each unit restored or re-drawn (resilience)", low=4,
+                            none="every test image of the run"),
+    # data_scarcity
+    "fractions": Setting("list", "fractions of the training split, nested stratified subsets", low=0, high=1,
+                         low_open=True),
+    "subset_seeds": Setting("int", "subset draws at each fraction below 1 (one draw of the whole split at 1)", low=1),
+    "finetunes": Setting("list", "the fine-tunes trained at every fraction (the frozen SVM and the linear probe "
+                         "always are)", ("partial", "full"), none="no fine-tune"),
+    "finetune_seeds": Setting("int", "how many of the subset draws the fine-tunes train on", low=1),
 }
 _KIND_NAMES = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string",
                "path": "a file path", "list": "a list"}
@@ -206,6 +232,9 @@ def _allowed_value(s: Setting, model: str | None, dataset: str | None, bound: bo
             return f"one of: {', '.join(map(str, choices))}"
         if choices:
             return f"a list of one or more of: {', '.join(choices)}, e.g. [{', '.join(choices[:2])}]"
+        if s.kind == "list" and (s.low is not None or s.high is not None):
+            item = Setting("float", s.text, low=s.low, high=s.high, low_open=s.low_open, high_open=s.high_open)
+            return f"a list of distinct numbers, each {_allowed_value(item, model, dataset).removeprefix('a number ')}"
         return _KIND_NAMES[s.kind]
     if s.kind in ("int", "float") and model in s.per_model:
         return " or ".join(map(str, s.per_model[model])) + f" for {model}"
@@ -315,6 +344,14 @@ def check_value(name: str, value: Any, model: str | None = None, dataset: str | 
             value = list(value)
         if not isinstance(value, list) or not value:
             raise bad("not a non-empty list")
+        if s.low is not None or s.high is not None:  # a list of numbers, each in the range
+            item = Setting("float", s.text, low=s.low, high=s.high, low_open=s.low_open, high_open=s.high_open)
+            try:
+                value = [check_value(name, v, model, dataset, item) for v in value]
+            except ConfigError:
+                raise bad("each item must be " + _allowed_value(item, model, dataset)) from None
+            if len(set(value)) != len(value):
+                raise bad("a value given twice")
         if s.choices:
             unknown = [v for v in value if v not in s.choices]
             if unknown:
@@ -326,8 +363,8 @@ def check_value(name: str, value: Any, model: str | None = None, dataset: str | 
 
 
 def readers(name: str) -> tuple[str, ...]:
-    """The regimes whose notebooks read setting ``name`` (their parameters cells define it)."""
-    return tuple(regime for regime in NOTEBOOK_REGIMES
+    """The regimes and analyses whose notebooks read setting ``name`` (their parameters cells define it)."""
+    return tuple(regime for regime in NOTEBOOKS
                  if name in settings(regime) and name not in NOT_IN_NOTEBOOK.get(regime, {}))
 
 
@@ -336,7 +373,7 @@ def settings_help(width: int = 88) -> str:
     lines = []
     for name in sorted(all_keys(), key=str.lower):
         who = readers(name)
-        regimes = "all regimes" if len(who) == len(NOTEBOOK_REGIMES) else ", ".join(who) or "no regime"
+        regimes = "every notebook" if len(who) == len(NOTEBOOKS) else ", ".join(who) or "no notebook"
         lines.append(textwrap.fill(f"{name} ({schema(name).text}): {allowed(name)} [{regimes}]", width,
                                    initial_indent="  ",
                                    subsequent_indent="      "))
@@ -367,6 +404,12 @@ def _matching(section: dict, regime: str, model: str, dataset: str) -> list[dict
     return [values for _, values in sorted(hits, key=lambda hit: hit[0])]
 
 
+def _section(regime: str) -> dict:
+    """profiles.yaml's entries of a regime (under ``regimes``) or of an analysis (under ``analyses``)."""
+    data = _load()
+    return data["analyses"][regime] if regime in ANALYSES else data["regimes"][regime]
+
+
 def _check(name: str, allowed: tuple[str, ...], what: str) -> None:
     if name not in allowed:
         raise ConfigError(f"unknown {what} {name!r}; choose one of: {', '.join(allowed)}")
@@ -381,13 +424,13 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
     (``check_value``). An override naming a key this regime does not have, and a value its setting does
     not take, are errors (ConfigError naming the parameter, the value and what is allowed).
     """
-    _check(regime, NOTEBOOK_REGIMES, "regime")
+    _check(regime, NOTEBOOKS, "regime or analysis")
     _check(model, MODELS, "model")
     _check(dataset, DATASETS, "dataset")
     data = _load()
     _check(profile, tuple(data["profiles"]), "profile")
     cfg: dict[str, Any] = copy.deepcopy(data["common"])
-    for layer in _matching(data["regimes"][regime], regime, model, dataset):
+    for layer in _matching(_section(regime), regime, model, dataset):
         cfg.update(copy.deepcopy(layer))
     for layer in _matching(data["profiles"][profile], regime, model, dataset):
         cfg.update({k: copy.deepcopy(v) for k, v in layer.items() if k in cfg})
@@ -423,6 +466,10 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
         raise ConfigError(f"{why}: the run starts from the architecture's own initialisation, so weights_path="
                           f"{cfg['weights_path']!r} would not be read: drop weights_path, or set pretrained true "
                           f"(init imagenet or stats) to start from it")
+    if cfg.get("finetune_seeds") is not None and cfg["finetune_seeds"] > cfg["subset_seeds"]:
+        raise ConfigError(f"finetune_seeds={cfg['finetune_seeds']} is more than subset_seeds={cfg['subset_seeds']}: "
+                          f"the fine-tunes train on some of the subset draws, so there are only {cfg['subset_seeds']}; "
+                          f"lower finetune_seeds or raise subset_seeds")
     cfg.update(regime=regime, model=model, dataset=dataset, profile=profile)
     return cfg
 
@@ -435,6 +482,11 @@ def start_weights(cfg: Mapping[str, Any]) -> str:
     return cfg.get("init", "imagenet")
 
 
+def common_settings() -> set[str]:
+    """The settings every regime and analysis has (profiles.yaml's ``common``)."""
+    return set(_load()["common"])
+
+
 def all_keys() -> set[str]:
     """Every setting any regime has (used to reject typos in command-line overrides).
 
@@ -442,21 +494,21 @@ def all_keys() -> set[str]:
     and cannot be overridden.
     """
     keys = set(_load()["common"])
-    for regime in NOTEBOOK_REGIMES:
-        for values in _load()["regimes"][regime].values():
+    for regime in NOTEBOOKS:
+        for values in _section(regime).values():
             keys.update(values)
     return keys
 
 
 def run_names(regime: str) -> tuple[str, ...]:
     """The names of ``regime``'s notebook that say which run and where (not settings)."""
-    _check(regime, NOTEBOOK_REGIMES, "regime")
+    _check(regime, NOTEBOOKS, "regime or analysis")
     return RUN_NAMES + SOURCE_NAMES.get(regime, ())
 
 
 def settings(regime: str) -> set[str]:
     """Every setting of ``regime``: the names ``resolve`` takes as overrides, the same for every model and dataset."""
-    _check(regime, NOTEBOOK_REGIMES, "regime")
+    _check(regime, NOTEBOOKS, "regime or analysis")
     per_run = {(model, dataset): set(resolve(regime, model, dataset)) - set(IDENTITY)
                for model in MODELS for dataset in DATASETS}
     every = set().union(*per_run.values())
@@ -574,7 +626,7 @@ def check_overrides(overrides: Mapping[str, Any], runs: Iterable[RunKey], profil
             continue
         readers_here = [run for run in runs if name in reads[run[0]]]
         if not readers_here:
-            selected = sorted({r for r, _, _ in runs}, key=NOTEBOOK_REGIMES.index)
+            selected = sorted({r for r, _, _ in runs}, key=NOTEBOOKS.index)
             why = "; ".join(f"{r}: {NOT_IN_NOTEBOOK[r][name]}" for r in selected if name in NOT_IN_NOTEBOOK.get(r, {}))
             add(f"-p {name}: no selected run reads it, so it would have no effect; {name} is read by "
                 f"{', '.join(readers(name)) or 'no regime'}, the selected runs are {', '.join(selected)}"
@@ -621,6 +673,13 @@ def check_overrides(overrides: Mapping[str, Any], runs: Iterable[RunKey], profil
                 f"the selected runs have {on} " + ", ".join(sorted(set(skipped.values())))
                 + (f"; select {values[0]} runs with --only, or leave -p {name} out" if on == "dataset" else
                    f"; add -p {on} {values[0]}, select runs that have it, or leave -p {name} out"))
+    if not problems:  # what resolve refuses of the settings together (one setting against another), up front too
+        for run in runs:
+            try:
+                resolve(*run, profile, per_run[run])
+            except ConfigError as exc:
+                regime, model, dataset = run
+                add(f"{dataset}/{model}/{regime}: {exc}")
     if problems:
         if len(problems) == 1:
             raise ConfigError(problems[0])

@@ -35,6 +35,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,6 +94,12 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def take(self, idx: Any) -> Split:
+        """The images at indices ``idx`` (in that order), as a split of their own."""
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return Split(None if self.images is None else self.images[idx], self.labels[idx],
+                     None if self.soft is None else self.soft[idx], [self.files[i] for i in idx.tolist()])
 
 
 @dataclass

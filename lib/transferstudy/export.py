@@ -39,8 +39,10 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATA_SUMMARY = "data-summary"
 TOPS = ("runs", DATA_SUMMARY)  # the folders of a bundle
+# What the book reads of a run (the analyses' tables too); the feature-reuse runs' representations-*.npz (up to
+# hundreds of MB at profile full) stay in the run folder.
 RUN_FILES = ("meta.json", "params.json", "metrics.json", "split.json", "curves.csv", "predictions.npz",
-             "notebook.ipynb")
+             "notebook.ipynb", "feature_reuse.csv", "cka_matrices.npz", "data_scarcity.csv")
 MODELS = "bundle"  # a run's fine-tuned model bundle: only with --with-models
 SEARCH_FILES = ("summary.json", "trials.csv", "importances.csv", "study.db")
 TRIAL_FILES = ("meta.json", "params.json", "metrics.json", "split.json", "predictions.npz")  # a trial's interval
@@ -120,12 +122,12 @@ def export(bundle: str | Path, profile: str, runs_dir: str | Path = "runs", data
         raise ResultsError(f"--data-root {str(data_root)!r} does not exist; pass the data root the runs used (the "
                            f"folder holding cifar10/ and ferplus/): the bundle keeps what the book shows of the data")
     store = Store.load(profile_dir, data_root)
-    damaged = [f"{run.key}: {run.error}" for run in store.runs.values() if run.status == "damaged"]
+    damaged = [f"{run.key}: {run.error}" for run in store.every_run() if run.status == "damaged"]
     if damaged:
         raise ResultsError(f"{len(damaged)} run(s) of profile {profile} are damaged, and a bundle never carries a "
                            f"damaged record; rerun them (the command is in each message) and export again:\n  "
                            + "\n  ".join(damaged))
-    exported = [run for run in store.runs.values() if run.run_dir is not None]
+    exported = [run for run in store.every_run() if run.run_dir is not None]
     if not exported:
         raise ResultsError(f"{profile_dir} holds no run record; run the study first "
                            f"(`transferstudy run --profile {profile}`)")
@@ -161,7 +163,7 @@ def export(bundle: str | Path, profile: str, runs_dir: str | Path = "runs", data
         "with_models": with_models,
         "runs": [{"key": run.key, "status": run.status,
                   "path": f"runs/{run.run_dir.relative_to(runs_dir).as_posix()}"} for run in exported],
-        "not_run": sorted(run.key for run in store.runs.values() if run.run_dir is None),
+        "not_run": sorted(run.key for run in store.every_run() if run.run_dir is None),
         "searches": [f"runs/search/{folder.name}" for folder in searches],
         "data_summary": DATA_SUMMARY,
         "members": dict(sorted(members.items())),

@@ -246,6 +246,45 @@ def embeddings(net: nn.Module, model: str, kind: str, splits: Mapping[str, Any],
     return out
 
 
+def probes(net: nn.Module, model: str, splits: Mapping[str, Any], *, weights_id: str | None,
+           cache_dir: str | Path | None, preprocess: training.Preprocess, batch_size: int,
+           device: str | torch.device, context: Mapping[str, Any] | None = None,
+           log: Callable[[str], Any] = print) -> dict[str, dict[str, np.ndarray]]:
+    """{split: {probe point: [N, d]}}: the features at every probe point of ``net`` (``reuse.probe_points``), all
+    of them from ONE forward pass per image (``reuse.collect``). Cached like :func:`embeddings`, as one
+    [N, sum of the probes' d] array per split (float16 on disk) when ``weights_id`` and ``cache_dir`` are given;
+    when every split comes from the cache, one image goes through ``net`` to learn the probes' widths."""
+    from . import reuse
+
+    net.to(device)
+    cacheable = weights_id is not None and cache_dir is not None
+    dims: dict[str, int] = {}
+    flat = {}
+    for name, split in splits.items():
+        key = cache_key(model=model, weights=weights_id, kind="probes", files=split_digest(split.files),
+                        preprocess=repr(preprocess), **(context or {})) if cacheable else None
+
+        def compute(split: Any = split) -> np.ndarray:
+            batches = (x for x, _ in training.eval_batches(split, preprocess=preprocess, batch_size=batch_size,
+                                                           device=device))
+            got = reuse.collect(net, model, batches)
+            dims.update({layer: x.shape[1] for layer, x in got.items()})
+            return np.concatenate(list(got.values()), axis=1)
+
+        flat[name] = cached(cache_dir if key is not None else None, key or "", compute, log=log, rows=len(split.labels))
+    if not dims:  # every split was a cache hit
+        one = next(training.eval_batches(next(iter(splits.values())), preprocess=preprocess, batch_size=1,
+                                         device=device))
+        dims = {layer: x.shape[1] for layer, x in reuse.collect(net, model, [one[0]]).items()}
+    ends = np.cumsum([0, *dims.values()])
+    out = {}
+    for name, array in flat.items():
+        if array.shape[1] != ends[-1]:
+            raise ValueError(f"probe features of {name} have {array.shape[1]} columns, the probes {ends[-1]}")
+        out[name] = {layer: array[:, a:b] for layer, a, b in zip(dims, ends[:-1], ends[1:])}
+    return out
+
+
 def prefix_splits(net: nn.Module, model: str, regime: str, splits: Mapping[str, Any], *,
                   weights_id: str | None, cache_dir: str | Path | None, preprocess: training.Preprocess,
                   batch_size: int, device: str | torch.device, context: Mapping[str, Any] | None = None,

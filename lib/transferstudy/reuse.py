@@ -283,11 +283,18 @@ class MinibatchCKA:
         self.kl: np.ndarray | None = None
         self.kk: np.ndarray | None = None
         self.ll: np.ndarray | None = None
+        self.vx: np.ndarray | None = None  # per layer: varies across the images of some batch
+        self.vy: np.ndarray | None = None
         self.batches = 0
 
     def update(self, xs: Array | Sequence[Array], ys: Array | Sequence[Array] | None = None) -> None:
-        a = _hsic_terms(_layers(xs, "xs"))
-        b = a if ys is None else _hsic_terms(_layers(ys, "ys"))
+        layers_x = _layers(xs, "xs")
+        layers_y = layers_x if ys is None else _layers(ys, "ys")
+        a = _hsic_terms(layers_x)
+        b = a if ys is None else _hsic_terms(layers_y)
+        for name, layers in (("vx", layers_x), ("vy", layers_y)):  # which layers vary across the images at all
+            varies = np.array([bool(np.ptp(x, axis=0).max() > 0) for x in layers])
+            setattr(self, name, varies if getattr(self, name) is None else getattr(self, name) | varies)
         if a[3] != b[3]:
             raise ValueError(f"xs has {a[3]} images but ys {b[3]}; pass features of the same images.")
         kl, kk = _hsic1(a, b), _self_hsic(a)
@@ -299,15 +306,25 @@ class MinibatchCKA:
         self.ll = ll if self.ll is None else self.ll + ll
         self.batches += 1
 
-    def matrix(self) -> np.ndarray:
-        """[layers A, layers B] CKA from the summed HSIC terms."""
+    def matrix(self, undefined: str = "raise") -> np.ndarray:
+        """[layers A, layers B] CKA from the summed HSIC terms.
+
+        A layer whose summed HSIC with itself is <= 0 (no variance across the images, as DeiT's CLS token before
+        the first block, which no image changes) has no CKA: ``undefined="raise"`` refuses it, ``"nan"`` gives NaN
+        in its rows or columns."""
         if self.kl is None:
             raise ValueError("MinibatchCKA has no batches; call update(xs, ys) first.")
-        for name, terms in (("xs", self.kk), ("ys", self.ll)):
-            if (terms <= 0).any():
-                raise ValueError(f"{name} layer(s) {np.flatnonzero(terms <= 0).tolist()} have summed HSIC <= 0 "
+        if undefined not in ("raise", "nan"):
+            raise ValueError(f"undefined={undefined!r}; choose 'raise' or 'nan'.")
+        bad_x, bad_y = (self.kk <= 0) | ~self.vx, (self.ll <= 0) | ~self.vy
+        for name, bad in (("xs", bad_x), ("ys", bad_y)):
+            if bad.any() and undefined == "raise":
+                raise ValueError(f"{name} layer(s) {np.flatnonzero(bad).tolist()} have summed HSIC <= 0 "
                                  "(no variance across images); CKA is undefined for them: leave them out.")
-        return self.kl / np.sqrt(np.outer(self.kk, self.ll))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = self.kl / np.sqrt(np.outer(np.clip(self.kk, 0, None), np.clip(self.ll, 0, None)))
+        out[bad_x[:, None] | bad_y[None, :]] = np.nan
+        return out
 
     def value(self) -> float:
         """The CKA of a one-layer pair."""
@@ -326,10 +343,11 @@ def _splits(n: int, batch_size: int, seed: int | None) -> list[np.ndarray]:
 
 
 def cka_matrix(features_a: Sequence[Array] | Mapping[str, Array], features_b: Sequence[Array] | Mapping[str, Array]
-               | None = None, *, batch_size: int = 256, seed: int | None = 42) -> np.ndarray:
+               | None = None, *, batch_size: int = 256, seed: int | None = 42, undefined: str = "raise") -> np.ndarray:
     """[layers A, layers B] minibatch linear CKA (:class:`MinibatchCKA`) between the layers of two networks on
     the same images (features_b=None: network A against itself). Images are shuffled with ``seed`` (so a batch
-    is not one class of a class-sorted split; None keeps their order) and cut into ~``batch_size`` batches."""
+    is not one class of a class-sorted split; None keeps their order) and cut into ~``batch_size`` batches.
+    ``undefined``: what a layer without variance across the images gets (:meth:`MinibatchCKA.matrix`)."""
     xs = _layers(list(features_a.values()) if isinstance(features_a, Mapping) else features_a, "features_a")
     ys = None if features_b is None else _layers(
         list(features_b.values()) if isinstance(features_b, Mapping) else features_b, "features_b")
@@ -338,30 +356,39 @@ def cka_matrix(features_a: Sequence[Array] | Mapping[str, Array], features_b: Se
     acc = MinibatchCKA()
     for idx in _splits(len(xs[0]), batch_size, seed):
         acc.update([x[idx] for x in xs], None if ys is None else [y[idx] for y in ys])
-    return acc.matrix()
+    return acc.matrix(undefined)
 
 
-def cka(x: Array, y: Array, *, batch_size: int = 256, seed: int | None = 42) -> float:
+def cka(x: Array, y: Array, *, batch_size: int = 256, seed: int | None = 42, undefined: str = "raise") -> float:
     """Minibatch linear CKA of one pair of [n, d] feature arrays (see :func:`cka_matrix`)."""
-    return float(cka_matrix([x], [y], batch_size=batch_size, seed=seed)[0, 0])
+    return float(cka_matrix([x], [y], batch_size=batch_size, seed=seed, undefined=undefined)[0, 0])
 
 
 def cka_bootstrap(x: Array, y: Array, *, batch_size: int = 256, n_boot: int = 1000, level: float = 0.95,
                   seed: int = 42) -> tuple[float, float, float]:
     """(CKA, ci_low, ci_high): :func:`cka` and its percentile bootstrap interval over images (``n_boot``
     resamples of the n images with replacement, seed ``seed``, the minibatch CKA recomputed on each: n_boot + 1
-    CKA computations, so lower n_boot for wide layers)."""
+    CKA computations, so lower n_boot for wide layers).
+
+    All NaN where CKA is undefined (a representation without variance across the images, such as DeiT's CLS
+    token before the first block). A resample that leaves a representation without variance (possible only with
+    a handful of images) has no CKA and is left out of the interval; all NaN interval if none is left."""
     xs, ys = _layers([x], "x"), _layers([y], "y")
     if len(xs[0]) != len(ys[0]):
         raise ValueError(f"x has {len(xs[0])} images, y {len(ys[0])}; pass features of the same images.")
     if not 0 < level < 1 or isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise ValueError(f"level={level!r} must lie in (0, 1) and n_boot={n_boot!r} be a positive int.")
-    value = cka(xs[0], ys[0], batch_size=batch_size, seed=seed)
+    value = cka(xs[0], ys[0], batch_size=batch_size, seed=seed, undefined="nan")
+    if np.isnan(value):
+        return value, math.nan, math.nan
     rng, n = np.random.default_rng(seed), len(xs[0])
     boots = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)  # already a random order: batches are taken as drawn
-        boots.append(cka(xs[0][idx], ys[0][idx], batch_size=batch_size, seed=None))
+        boots.append(cka(xs[0][idx], ys[0][idx], batch_size=batch_size, seed=None, undefined="nan"))
+    boots = [b for b in boots if not np.isnan(b)]
+    if not boots:
+        return value, math.nan, math.nan
     low, high = np.percentile(boots, [50 * (1 - level), 50 * (1 + level)])
     return value, float(low), float(high)
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import config
+from . import config, preflight
 from .report.store import write_table
 from .results import read_json, recover_swap, swap_into_place, write_json
 
@@ -50,7 +50,12 @@ NOTEBOOKS = {
     "partial": "03_partial_finetune.ipynb",
     "full": "04_full_finetune.ipynb",
     "classical": "05_classical_on_embeddings.ipynb",
+    "feature_reuse": "07_feature_reuse.ipynb",
+    "data_scarcity": "08_data_scarcity.ipynb",
 }
+# The runs whose folders a run reads (so they are locked with it, and their meta.json is part of its fingerprint):
+# the classical regime's fine-tune (source_regime), the feature-reuse analysis's two fine-tunes.
+SOURCES = {"feature_reuse": {"partial_dir": "partial", "full_dir": "full"}}
 
 
 class RunnerError(ValueError):
@@ -87,7 +92,7 @@ def matrix(only: str | None = None) -> list[RunSpec]:
     ``only`` is a glob over ``dataset/model/regime`` (``*deit*``, ``cifar10/*/full``); several
     globs may be given separated by commas.
     """
-    specs = [RunSpec(d, m, r) for d in config.DATASETS for m in config.MODELS for r in config.NOTEBOOK_REGIMES]
+    specs = [RunSpec(d, m, r) for d in config.DATASETS for m in config.MODELS for r in config.NOTEBOOKS]
     if only is not None and not only.replace(",", "").strip():
         raise RunnerError(f"--only {only!r} names no run; leave --only out to run every run, or name runs as "
                           f"dataset/model/regime globs, e.g. cifar10/alexnet/full or '*/deit_base/*'")
@@ -134,11 +139,19 @@ def notebook_parameters(spec: RunSpec, profile: str, data_root: Path, run_dir: P
               "data_dir": str(Path(data_root).resolve() / spec.dataset),
               "output_dir": str(run_dir.resolve()),
               "cache_dir": str((Path(runs_root) / ".cache").resolve())}
-    if spec.regime == "classical":
-        source = RunSpec(spec.dataset, spec.model, settings["source_regime"])
-        params["source_dir"] = str(run_dir_for(runs_root, profile, source).resolve())
+    for name, regime in sources(spec, settings).items():
+        params[name] = str(run_dir_for(runs_root, profile, RunSpec(spec.dataset, spec.model, regime)).resolve())
     params.update(checked)
+    if params.get("weights_path") not in (None, config.NONE):  # the notebook runs in its run folder, not here
+        params["weights_path"] = str(Path(params["weights_path"]).expanduser().resolve())
     return params
+
+
+def sources(spec: RunSpec, settings: dict[str, Any]) -> dict[str, str]:
+    """{notebook parameter: regime} of the runs whose folders ``spec``'s notebook reads (``settings``: its own)."""
+    if spec.regime == "classical":
+        return {"source_dir": settings["source_regime"]}
+    return dict(SOURCES.get(spec.regime, {}))
 
 
 # Packages whose version can change a run's numbers; part of the fingerprint.
@@ -212,8 +225,8 @@ def fingerprint(spec: RunSpec, profile: str, params: dict[str, Any], code: str) 
         path = Path(weights).expanduser()
         stat = path.stat() if path.is_file() else None
         h.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode() if stat else b"weights missing")
-    if "source_dir" in params:  # the classical regime reads a fine-tuned model
-        source_meta = Path(params["source_dir"]) / "meta.json"
+    for name in sorted(n for n in params if n in ("source_dir", *SOURCES.get(spec.regime, {}))):  # fine-tunes read
+        source_meta = Path(params[name]) / "meta.json"
         h.update(source_meta.read_bytes() if source_meta.exists() else b"missing")
     return h.hexdigest()
 
@@ -542,7 +555,7 @@ def _execute_locked(spec: RunSpec, profile: str, final: Path, params: dict[str, 
 def _unread_notes(overrides: dict[str, Any], specs: Sequence[RunSpec]) -> list[str]:
     """A line for each -p setting that some of the selected runs do not read (it is not passed to them)."""
     notes = []
-    regimes = sorted({s.regime for s in specs}, key=config.NOTEBOOK_REGIMES.index)
+    regimes = sorted({s.regime for s in specs}, key=config.NOTEBOOKS.index)
     for name in overrides:
         skip = [r for r in regimes if name not in config.notebook_names(r)]
         if skip and len(skip) < len(regimes):
@@ -583,16 +596,17 @@ def run_matrix(profile: str, data_root: Path, runs_root: Path, overrides: dict[s
     config.resolve("full", config.MODELS[0], config.DATASETS[0], profile)  # unknown profile -> clear error
     specs = matrix(only)
     per_run = config.check_overrides(overrides, [(s.regime, s.model, s.dataset) for s in specs], profile)
+    preflight.check_runs([(s.regime, s.model, s.dataset,  # the data, the split sizes, the weights: all up front
+                           config.resolve(s.regime, s.model, s.dataset, profile, per_run[(s.regime, s.model, s.dataset)]))
+                          for s in specs], Path(data_root))
     notes = _unread_notes(overrides, specs) + _unapplied_notes(overrides, specs, per_run)
     _DATA_SIGNATURES.clear()  # the data may have changed since an earlier call in this process
     code = _code_digest()
     root = Path(runs_root)
     folders = [run_dir_for(root, profile, s) for s in specs]
-    for s in specs:
-        if s.regime == "classical":  # it reads its fine-tune's folder: nobody may swap that meanwhile
-            key = (s.regime, s.model, s.dataset)
-            source = config.resolve(s.regime, s.model, s.dataset, profile, per_run[key])["source_regime"]
-            folders.append(run_dir_for(root, profile, RunSpec(s.dataset, s.model, source)))
+    for s in specs:  # the fine-tunes a run reads: nobody may swap them meanwhile
+        settings = config.resolve(s.regime, s.model, s.dataset, profile, per_run[(s.regime, s.model, s.dataset)])
+        folders += [run_dir_for(root, profile, RunSpec(s.dataset, s.model, r)) for r in sources(s, settings).values()]
     outcomes = []
     with hold(folders, wait=wait) as taken:
         bar = tqdm(specs, desc=f"study ({profile})", unit="run", mininterval=1.0)

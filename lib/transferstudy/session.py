@@ -7,6 +7,7 @@ five notebooks run every regime through the same code. A notebook opens its run 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -129,6 +130,47 @@ class Session:
             dist.barrier()
         return acts
 
+    def probes(self, net: nn.Module, weights_id: str | None,
+               splits: tuple[str, ...] = ("train", "test")) -> dict[str, dict[str, np.ndarray]]:
+        """Features at every probe point of ``net`` (``reuse.probe_points``) per split, one forward pass per image;
+        cached under ``weights_id`` as :meth:`embeddings` are."""
+        return features.probes(net, self.cfg["model"], {name: getattr(self.data, name) for name in splits},
+                               weights_id=weights_id, cache_dir=self.cache_dir, **self._cache_args())
+
+    def batches(self, split: str, limit: int | None = None) -> Any:
+        """(preprocessed images, labels) of the first ``limit`` images of ``split``, eval_batch_size at a time."""
+        return training.eval_batches(getattr(self.data, split), preprocess=self.preprocessor("none"),
+                                     batch_size=self.cfg["eval_batch_size"], device=self.device, limit=limit)
+
+    def finetuned(self, source: str | Path) -> tuple[nn.Module, str]:
+        """The fine-tuned network of the finished run in folder ``source`` (its bundle's best-on-validation
+        checkpoint) and what identifies its weights (a feature-cache key).
+
+        Refused, naming the folder, when that run has not finished, or is of another model or dataset, or
+        started from other weights than this run's :meth:`build_model` (so "its starting weights" would be wrong).
+        """
+        from . import bundle
+
+        source = Path(source)
+        try:
+            meta = results.read_json(source / "meta.json")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{source} holds no finished run ({exc}); run it first, e.g. `transferstudy run "
+                             f"--only {self.cfg['dataset']}/{self.cfg['model']}/{source.name}`") from None
+        if meta.get("status") != "ok":
+            raise ValueError(f"{source}'s last run did not finish ({meta.get('error', meta.get('status'))}); "
+                             f"rerun it first")
+        theirs = {**results.read_json(source / "params.json"), **meta}
+        ours = {"model": self.cfg["model"], "dataset": self.cfg["dataset"], "init": config.start_weights(self.cfg),
+                "seed": self.cfg["seed"]}
+        if bad := {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}:
+            raise ValueError(f"{source} is a run with " + ", ".join(f"{k} {a!r}" for k, (a, _) in bad.items()) +
+                             " but this run has " + ", ".join(f"{k} {b!r}" for k, (_, b) in bad.items()) +
+                             f"; its starting weights are not this run's backbone: point to a run of the same "
+                             f"settings, or rerun it with them")
+        net = bundle.load_finetuned(source / "bundle", self.cfg["model"], len(self.classes)).to(self.device)
+        return net, "checkpoint:" + features.file_digest(source / "bundle" / "checkpoint.pt")
+
     def _cache_args(self) -> dict[str, Any]:
         """Preprocessing, batching, device and cache-key context shared by the feature-cache calls."""
         return dict(preprocess=self.preprocessor("none"), batch_size=self.cfg["eval_batch_size"],
@@ -139,12 +181,25 @@ class Session:
         """The regime's optimiser, with discriminative learning rates per parameter group."""
         return regimes.optimizer(net, self.cfg["model"], self.regime, self.cfg)
 
+    def as_regime(self, regime: str) -> Session:
+        """This run's data, device and folder with ``regime``'s settings: the profile's for that regime, with this
+        run's changes to the settings every regime has (``-p batch_size 16`` on this run reaches each regime it
+        trains). How the data-scarcity analysis trains each regime as that regime's own run does."""
+        model, dataset, profile = self.cfg["model"], self.cfg["dataset"], self.cfg["profile"]
+        profile_values = config.resolve(self.regime, model, dataset, profile)
+        changed = {k: config.NONE if v is None else v for k, v in self.cfg.items()
+                   if k in config.common_settings() and v != profile_values[k]}
+        cfg = config.resolve(regime, model, dataset, profile, changed)
+        return dataclasses.replace(self, regime=regime, cfg=cfg, resume=None)
+
     def fit(self, net: nn.Module, train: Any = None, val: Any = None, preprocess: Any = None,
-            module: nn.Module | None = None) -> training.History:
+            module: nn.Module | None = None, subset: str | None = None) -> training.History:
         """Train ``net``'s trainable parameters with the regime's settings; keeps the best-on-val weights.
 
         ``module`` is what the batches go through (default ``net``): the head alone when training
-        on cached features. The per-epoch curves are saved with the run.
+        on cached features. The per-epoch curves are saved with the run, except for a fit on a named training
+        ``subset`` (the data-scarcity analysis: many fits per run), whose resumable state is its own and is
+        deleted as soon as it returns.
         """
         cfg = self.cfg
         train = train if train is not None else self.data.train
@@ -157,13 +212,18 @@ class Session:
         from .trials import trial_reporter  # reports each epoch when this run is a `transferstudy search` trial
 
         reporter = trial_reporter()
-        self.resume = self.train_state()
+        state = self.train_state(subset)
+        if subset is None:
+            self.resume = state
         history = training.fit(module if module is not None else net, train, val, preprocess=preprocess, optimizer=opt, scheduler=sched,
                                epochs=cfg["epochs"], batch_size=cfg["batch_size"], device=self.device,
                                label_smoothing=cfg["label_smoothing"], patience=cfg["patience"],
                                monitor=cfg["monitor"], seed=cfg["seed"],
                                soft_targets=cfg["label_rule"] == "votes", micro_batch_size=cfg["micro_batch_size"],
-                               log=self.log, on_epoch=reporter, resume=self.resume)
+                               log=self.log, on_epoch=reporter, resume=state)
+        if subset is not None:
+            state.clear()
+            return history
         self.recorder.save_curves(history.to_frame().reset_index())
         self.recorder.meta.update(best_epoch=history.best_epoch, epochs_run=len(history.epochs),
                                   stopped_early=history.stopped_early, resumed_from_epoch=history.resumed_from)
@@ -171,18 +231,28 @@ class Session:
             self.recorder.meta.update(pruned_epoch=reporter.pruned_epoch)
         return history
 
-    def train_state(self) -> training.TrainState:
+    def train_state(self, subset: str | None = None) -> training.TrainState:
         """Where :meth:`fit` keeps its state at the end of every epoch, so that the same run killed midway
         (``kill -9``, a Colab disconnect) goes on from its last finished epoch when it is started again.
 
-        It lives in the feature cache's ``resume/`` folder, named by everything that makes the run's training
-        what it is (regime, settings, split, starting weights); :meth:`finish` deletes it.
+        It lives in the feature cache's ``resume/`` folder, named by the run's folder and by everything that
+        makes its training what it is (regime, settings, split, starting weights, the training ``subset``);
+        :meth:`finish` deletes it, and the states of this run folder's earlier attempts with other settings.
         """
-        identity = {"regime": self.regime, "cfg": self.cfg, "split": self.data.split_hash, "weights": self.weights_id()}
+        identity = {"regime": self.regime, "cfg": self.cfg, "split": self.data.split_hash, "weights": self.weights_id(),
+                    "subset": subset}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-        folder = (self.cache_dir or Path.home() / ".cache" / "transferstudy") / "resume"
-        name = f"{self.cfg['dataset']}-{self.cfg['model']}-{self.regime}-{key[:12]}"
-        return training.TrainState(folder, name, key)
+        return training.TrainState(self._resume_folder(), f"{self._resume_family()}{key[:12]}", key)
+
+    def _resume_folder(self) -> Path:
+        return (self.cache_dir or Path.home() / ".cache" / "transferstudy") / "resume"
+
+    def _resume_family(self) -> str:
+        """The name prefix of every training state of this run folder: whatever its settings, one run folder is
+        run by one process at a time (its lock), so its states other than the current one were abandoned."""
+        final = self.output_dir.with_name(self.output_dir.name.removesuffix(".running"))
+        where = hashlib.sha256(str(final.resolve()).encode()).hexdigest()[:8]
+        return f"{self.cfg['dataset']}-{self.cfg['model']}-{self.regime}-{where}-"
 
     def evaluate(self, predict_val: tuple[np.ndarray, np.ndarray], predict_test: tuple[np.ndarray, np.ndarray],
                  classifier: str = "head") -> dict[str, Any]:
@@ -227,8 +297,8 @@ class Session:
             meta.update(world_size=world, backend=dist.get_backend())
         done = self.recorder.finish(trainable=int(trainable), total=int(total), classes=list(self.classes),
                                     **prov, **meta)
-        if self.resume is not None and rank == 0:  # the run trained: its resumable state is no longer needed
-            self.resume.clear()
+        if rank == 0:  # the run finished: its resumable states (and its abandoned attempts') are no longer needed
+            training.TrainState.clear_family(self._resume_folder(), self._resume_family())
         return done
 
 
@@ -246,6 +316,7 @@ def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | 
           dataset: str | None = None, data_dir: str | Path | None = None, profile: str | None = None,
           output_dir: str | Path | None = None, cache_dir: str | Path | None = None,
           source_dir: str | Path | None = None, features_pack: str | Path | None = None,
+          partial_dir: str | Path | None = None, full_dir: str | Path | None = None,
           overrides: dict[str, Any] | None = None, log: Any = print) -> Session:
     """Resolve the settings, load the data (with its fixed split), and open the run's folder.
 
@@ -260,6 +331,7 @@ def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | 
         given = [name for name, value in (("model", model), ("dataset", dataset), ("data_dir", data_dir),
                                           ("profile", profile), ("output_dir", output_dir), ("cache_dir", cache_dir),
                                           ("source_dir", source_dir), ("features_pack", features_pack),
+                                          ("partial_dir", partial_dir), ("full_dir", full_dir),
                                           ("overrides", overrides)) if value is not None]
         if given:
             raise TypeError(f"start({regime!r}, namespace, {given[0]}=...): give the run either as a namespace "
@@ -268,11 +340,19 @@ def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | 
     for name, value in (("model", model), ("dataset", dataset)):
         if value is None:
             raise TypeError(f"start({regime!r}) needs {name}=... (or a notebook's namespace)")
-    if source_dir is not None and "source_dir" not in config.run_names(regime):
-        raise TypeError(f"start({regime!r}, source_dir={str(source_dir)!r}): only the classical regime reads "
-                        f"another run's model; drop source_dir")
+    sources = {}  # the other runs' folders this notebook reads
+    for name, value in (("source_dir", source_dir), ("partial_dir", partial_dir), ("full_dir", full_dir)):
+        if name in config.run_names(regime):
+            sources[name] = str(value) if value else None
+        elif value is not None:
+            raise TypeError(f"start({regime!r}, {name}={str(value)!r}): the {regime} notebook reads no other "
+                            f"run's {name}; drop it")
     profile, overrides = profile or "full", dict(overrides or {})
     cfg = config.resolve(regime, model, dataset, profile, overrides)
+    if features_pack is None:  # a weights problem would otherwise show only once the data is decoded
+        from . import preflight
+
+        preflight.check_runs([(regime, model, dataset, cfg)], None)
     for name, reason in config.NOT_IN_NOTEBOOK.get(regime, {}).items():
         if overrides.get(name) is not None:
             log(f"note: {name}={overrides[name]!r} has no effect on the {regime} regime: {reason}")
@@ -292,8 +372,7 @@ def start(regime: str, namespace: dict[str, Any] | None = None, *, model: str | 
                                val_source=cfg["val_source"], n_train=cfg["n_train"], n_val=cfg["n_val"],
                                n_test=cfg["n_test"], seed=cfg["seed"])
     paths = {"data_dir": str(data_dir)}
-    if "source_dir" in config.run_names(regime):
-        paths["source_dir"] = str(source_dir) if source_dir else None
+    paths.update(sources)
     if features_pack is not None:
         paths["features_pack"] = str(features_pack)
     recorder = results.RunRecorder(output_dir, {**cfg, **paths})

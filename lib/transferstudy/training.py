@@ -12,6 +12,7 @@ on CPU it runs plain fp32. Under ``torch.distributed`` (torchrun, see :mod:`tran
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import math
 import os
@@ -431,6 +432,16 @@ class TrainState:
         for path in [*self.files(), *self.folder.glob(f".{self.name}.*.tmp")]:
             path.unlink(missing_ok=True)
 
+    @staticmethod
+    def clear_family(folder: str | Path, prefix: str) -> list[Path]:
+        """Delete every state in ``folder`` whose name starts with ``prefix`` (all the states of one run folder,
+        whatever their settings), with what a kill in the middle of a write left; returns the files deleted."""
+        folder = Path(folder)
+        gone = sorted([*folder.glob(f"{glob.escape(prefix)}*.r*.e*.pt"), *folder.glob(f".{glob.escape(prefix)}*.tmp")])
+        for path in gone:
+            path.unlink(missing_ok=True)
+        return gone
+
 
 def _resume_key(key: str, **settings: Any) -> str:
     """``key`` (what the caller says identifies the run) with what :func:`fit` itself was given."""
@@ -506,6 +517,17 @@ def predict(model: nn.Module, split: Any, *, preprocess: Preprocess, batch_size:
     logits = torch.from_numpy(extract(model, split, preprocess=preprocess, batch_size=batch_size, device=device))
     probs = logits.softmax(1)
     return probs.numpy(), probs.argmax(1).numpy()
+
+
+def eval_batches(split: Any, *, preprocess: Preprocess, batch_size: int, device: str | torch.device,
+                 limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(preprocessed images, labels) of the first ``limit`` images of ``split`` (all: None) in split order, on
+    ``device``, ``batch_size`` at a time: what :func:`extract` feeds its function, for code that runs the network
+    itself (the feature-reuse measures)."""
+    n = _check_split(split, "split")
+    device = torch.device(device)
+    for idx, images in _batches(split.images, torch.arange(n if limit is None else min(n, limit)), batch_size, device):
+        yield preprocess(images, False), split.labels[idx].to(device)
 
 
 @torch.no_grad()

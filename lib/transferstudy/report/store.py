@@ -28,6 +28,13 @@ MODEL_LABELS = {"alexnet": "AlexNet", "deit_base": "DeiT-Base"}
 REGIME_LABELS = {"frozen_svm": "Frozen features → SVM", "linear_probe": "Linear probe",
                  "partial": "Partial fine-tune", "full": "Full fine-tune",
                  "classical": "Classical classifiers on embeddings"}
+ANALYSIS_LABELS = {"feature_reuse": "Feature reuse", "data_scarcity": "Data scarcity"}
+# The tidy table each analysis writes into its run folder, and its columns (issue #12).
+ANALYSIS_TABLES = {
+    "feature_reuse": ("feature_reuse.csv", ("network", "layer", "measure", "value", "ci_low", "ci_high")),
+    "data_scarcity": ("data_scarcity.csv", ("model", "dataset", "regime", "fraction", "seed", "n_train", "n_test",
+                                            "test_accuracy")),
+}
 REGIME_SHORT = {"frozen_svm": "frozen SVM", "linear_probe": "linear probe", "partial": "partial fine-tune",
                 "full": "full fine-tune", "classical": "classical"}  # for table cells
 LADDER = config.NOTEBOOK_REGIMES[:4]  # frozen SVM -> linear probe -> partial -> full: least to most trained
@@ -81,7 +88,8 @@ class Run:
 
     @property
     def title(self) -> str:
-        return f"{REGIME_LABELS[self.regime]}: {MODEL_LABELS[self.model]} on {DATASET_LABELS[self.dataset]}"
+        what = REGIME_LABELS.get(self.regime) or ANALYSIS_LABELS[self.regime]
+        return f"{what}: {MODEL_LABELS[self.model]} on {DATASET_LABELS[self.dataset]}"
 
     @property
     def ok(self) -> bool:
@@ -150,6 +158,30 @@ class Run:
                              f"{recorded:.4f} for {self.best!r}: the files do not belong together; rerun {self.key}")
         return pred
 
+    def table(self) -> pd.DataFrame:
+        """An analysis run's tidy table (``ANALYSIS_TABLES``), checked for its columns."""
+        name, columns = ANALYSIS_TABLES[self.regime]
+        path = self._file(name)
+        try:
+            frame = pd.read_csv(path)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path} is unreadable ({exc}); rerun {self.key} with --force") from exc
+        if missing := [c for c in columns if c not in frame.columns]:
+            raise StoreError(f"{path} lacks the columns {missing} (written by another version?); rerun {self.key} "
+                             f"with --force")
+        return frame
+
+    def cka_matrices(self) -> dict[str, tuple[list[str], np.ndarray]]:
+        """A feature-reuse run's layer x layer CKA matrix of each network with itself: {network: (layers, matrix)}."""
+        path = self._file("cka_matrices.npz")
+        try:
+            with np.load(path) as npz:
+                return {key.removeprefix("cka_"): (list(npz[f"layers_{key.removeprefix('cka_')}"].astype(str)),
+                                                   npz[key]) for key in npz.files if key.startswith("cka_")}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise StoreError(f"{path} is unreadable ({exc or type(exc).__name__}); rerun {self.key} with "
+                             f"--force") from exc
+
     def embeddings(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         """The plot embeddings ``embeddings-<name>.npz`` (features, labels) kept by the run, or None."""
         path = self._file(f"embeddings-{name}.npz")
@@ -203,7 +235,7 @@ def read_run(run_dir: Path, dataset: str | None = None, model: str | None = None
         status = meta.get("status", "ok")
         reading = run_dir / "metrics.json"
         metrics = _read(reading) if status == "ok" else {}
-        if status == "ok" and "classifiers" not in metrics:
+        if status == "ok" and regime in config.NOTEBOOK_REGIMES and "classifiers" not in metrics:
             raise ValueError("it has no 'classifiers' (missing, or written by an older version)")
     except (ValueError, OSError) as exc:  # bad JSON, unreadable file
         return Run(dataset, model, regime, "damaged", run_dir,
@@ -273,6 +305,7 @@ class Store:
     profile_dir: Path
     data_root: Path
     runs: dict[tuple[str, str, str], Run]
+    analyses: dict[tuple[str, str, str], Run] = field(default_factory=dict)  # (dataset, model, analysis)
 
     @classmethod
     def load(cls, profile_dir: str | Path, data_root: str | Path = "data") -> Store:
@@ -280,17 +313,39 @@ class Store:
         if profile_dir.name not in config.profiles():
             raise StoreError(f"profile_dir={str(profile_dir)!r} must be <runs dir>/<profile>, with a profile out of "
                              f"{', '.join(config.profiles())}; e.g. runs/{next(iter(config.profiles()))}")
-        runs = {}
+        cells = {}
         for dataset in config.DATASETS:
             for model in config.MODELS:
-                for regime in config.NOTEBOOK_REGIMES:
+                for regime in config.NOTEBOOKS:
                     latest = _latest(profile_dir / dataset / model / regime)
-                    runs[(dataset, model, regime)] = (read_run(latest, dataset, model, regime) if latest
-                                                      else Run(dataset, model, regime, "missing"))
-        return cls(profile_dir.name, profile_dir, Path(data_root), runs)
+                    cells[(dataset, model, regime)] = (read_run(latest, dataset, model, regime) if latest
+                                                       else Run(dataset, model, regime, "missing"))
+        runs = {key: run for key, run in cells.items() if key[2] in config.NOTEBOOK_REGIMES}
+        analyses = {key: run for key, run in cells.items() if key[2] in config.ANALYSES}
+        return cls(profile_dir.name, profile_dir, Path(data_root), runs, analyses)
 
     def run(self, dataset: str, model: str, regime: str) -> Run:
         return self.runs[(dataset, model, regime)]
+
+    def analysis(self, dataset: str, model: str, name: str) -> Run:
+        return self.analyses[(dataset, model, name)]
+
+    def analysis_frame(self, name: str) -> pd.DataFrame:
+        """Every finished ``name`` analysis run's table (``ANALYSIS_TABLES``), with ``model`` and ``dataset`` columns."""
+        _, columns = ANALYSIS_TABLES[name]
+        frames = []
+        for (dataset, model, analysis), run in self.analyses.items():
+            if analysis == name and run.ok:
+                frames.append(run.table().assign(model=model, dataset=dataset))
+        lead = [c for c in ("model", "dataset") if c not in columns]
+        if not frames:
+            return pd.DataFrame(columns=[*lead, *columns])
+        frame = pd.concat(frames, ignore_index=True)
+        return frame[[*lead, *[c for c in frame.columns if c not in lead]]]
+
+    def every_run(self) -> list[Run]:
+        """The regime runs, then the analysis runs."""
+        return [*self.runs.values(), *self.analyses.values()]
 
     def finished(self) -> list[Run]:
         return [r for r in self.runs.values() if r.ok]
