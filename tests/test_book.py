@@ -131,11 +131,13 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
 # --- the committed sources ----------------------------------------------------------------------------
 
 
-def test_toc_lists_every_run_of_the_matrix_once_under_its_regime():
+def test_toc_lists_every_run_of_the_matrix_once_under_its_regime_or_analysis():
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
     regimes_part = next(p for p in toc["parts"] if p["caption"] == "The regimes")
-    for chapter, regime in zip(regimes_part["chapters"], runner.NOTEBOOKS, strict=True):
-        assert chapter["file"] == f"book/regimes/{regime}"
+    analyses_part = next(p for p in toc["parts"] if p["caption"] == "How the features are reused")
+    chapters = [*regimes_part["chapters"], *analyses_part["chapters"]]
+    for chapter, regime in zip(chapters, config.NOTEBOOKS, strict=True):
+        assert chapter["file"] == (f"book/regimes/{regime}" if regime in config.NOTEBOOK_REGIMES else f"book/{regime}")
         expected = [f"book/_generated/runs/{book.page_name(s.dataset, s.model, s.regime)}"
                     for s in runner.matrix() if s.regime == regime]
         assert [s["file"] for s in chapter["sections"]] == expected

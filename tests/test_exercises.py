@@ -23,8 +23,8 @@ from conftest import REPO
 
 from transferstudy import cli, config, runner
 
-CHAPTERS = [f"book/regimes/{regime}" for regime in runner.NOTEBOOKS] + ["book/comparison", "book/embeddings",
-                                                                         "book/errors"]
+CHAPTERS = [f"book/regimes/{regime}" for regime in config.NOTEBOOK_REGIMES] + [
+    *(f"book/{analysis}" for analysis in config.ANALYSES), "book/comparison", "book/embeddings", "book/errors"]
 BOOK_STORE = "runs"  # the store `make book` writes and the exercises compare with
 DIRECTIVE = re.compile(r"^:::\{(exercise|solution)\}[ \t]*(.*?)\n(.*?)^:::[ \t]*$", re.M | re.S)
 BASH = re.compile(r"^```bash\n(.*?)^```", re.M | re.S)
@@ -185,7 +185,7 @@ def papermill_problems(words: list[str]) -> list[str]:
     notebook = Path(words[1]).name
     regime = next((r for r, nb in runner.NOTEBOOKS.items() if nb == notebook), None)
     if regime is None:
-        return [f"papermill {words[1]}: not one of the regime notebooks"]
+        return [f"papermill {words[1]}: not one of the regime or analysis notebooks"]
     params = {rest[i + 1]: rest[i + 2] for i in range(0, len(rest), 3)}
     unknown = sorted(set(params) - config.notebook_names(regime))
     if unknown:
@@ -262,7 +262,8 @@ def test_exercise_labels_are_unique_across_the_book_and_every_reference_to_one_e
 def test_the_exercises_change_settings_in_most_chapters_and_the_rest_ask_about_the_page():
     runs_per_chapter = {doc: sum(c.startswith("transferstudy run ") for e in _chapter(doc)[0] for c in e.commands)
                         for doc in CHAPTERS}
-    assert all(runs_per_chapter[f"book/regimes/{r}"] for r in runner.NOTEBOOKS), runs_per_chapter
+    assert all(runs_per_chapter[f"book/regimes/{r}"] for r in config.NOTEBOOK_REGIMES), runs_per_chapter
+    assert all(runs_per_chapter[f"book/{a}"] for a in config.ANALYSES), runs_per_chapter
     assert sum(n > 0 for n in runs_per_chapter.values()) >= len(CHAPTERS) - 1
 
 

@@ -66,29 +66,28 @@ def refusal(runs, data_root: Path | None) -> str:
     return text
 
 
+def _probe(monkeypatch: pytest.MonkeyPatch, answer: str | None) -> list[str]:
+    """Every host answers ``answer`` (None: reachable; nothing is contacted); returns the URLs probed."""
+    probed: list[str] = []
+
+    def probe(url: str, timeout: float = preflight.PROBE_TIMEOUT_S) -> str | None:
+        probed.append(url)
+        return answer
+
+    monkeypatch.setattr(preflight, "why_unreachable", probe)
+    return probed
+
+
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every host unreachable; returns the URLs probed."""
-    probed: list[str] = []
-
-    def unreachable(url: str, timeout: float = preflight.PROBE_TIMEOUT_S) -> str:
-        probed.append(url)
-        return "gaierror: [Errno -2] Name or service not known"
-
-    monkeypatch.setattr(preflight, "why_unreachable", unreachable)
-    return probed
+    return _probe(monkeypatch, "gaierror: [Errno -2] Name or service not known")
 
 
 @pytest.fixture
 def network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every host reachable (nothing is contacted); returns the URLs probed."""
-    probed: list[str] = []
-
-    def reachable(url: str, timeout: float = preflight.PROBE_TIMEOUT_S) -> None:
-        probed.append(url)
-
-    monkeypatch.setattr(preflight, "why_unreachable", reachable)
-    return probed
+    return _probe(monkeypatch, None)
 
 
 @pytest.fixture

@@ -153,7 +153,7 @@ def test_load_reads_every_cell_of_the_matrix_with_its_latest_status(mixed):
     store = Store.load(mixed["profile"], "data")
     assert store.profile == "quick" and store.data_root == Path("data")
     assert len(store.runs) == len(config.DATASETS) * len(config.MODELS) * len(config.NOTEBOOK_REGIMES) == 20
-    assert store.counts() == {"ok": 4, "failed": 2, "damaged": 1, "missing": 13}
+    assert store.counts() == {"ok": 4, "failed": 2, "damaged": 1, "missing": 13 + 8}  # and the 8 analysis runs
     status = {key: run.status for key, run in store.runs.items() if run.status != "missing"}
     assert status == {("cifar10", "alexnet", "frozen_svm"): "ok", ("cifar10", "alexnet", "classical"): "ok",
                       ("cifar10", "deit_base", "linear_probe"): "ok", ("cifar10", "alexnet", "full"): "ok",
@@ -234,7 +234,7 @@ def test_banner_warns_of_random_init_and_counts_the_runs(mixed, tmp_path):
     text = Store.load(mixed["profile"]).banner()
     assert "```{warning}" in text and "randomly initialised" in text
     assert "in 1 of the 4 finished runs" in text
-    assert "4 of 20 runs finished, 2 failed, 13 not run yet, 1 damaged." in text
+    assert "4 of 28 runs finished, 2 failed, 21 not run yet, 1 damaged." in text
     assert "profile `quick`" in text and "**random initialisation** and ImageNet-pretrained" in text
     assert "smoke profile" not in text
 
@@ -244,7 +244,7 @@ def test_banner_warns_of_random_init_and_counts_the_runs(mixed, tmp_path):
     write_failed(smoke, "ferplus", "alexnet", "full")
     text = Store.load(smoke).banner()
     assert "(`pretrained: false`) in every run" in text
-    assert "1 of 20 runs finished, 1 failed, 18 not run yet." in text and "damaged" not in text
+    assert "1 of 28 runs finished, 1 failed, 26 not run yet." in text and "damaged" not in text
     assert "its numbers mean nothing" in text
 
     # all pretrained: no warning
@@ -252,7 +252,7 @@ def test_banner_warns_of_random_init_and_counts_the_runs(mixed, tmp_path):
     write_run(full, "cifar10", "alexnet", "full", Y, predict(Y, slice(0, 30)))
     store = Store.load(full)
     assert "{warning}" not in store.banner() and store.pretrained is True
-    assert "1 of 20 runs finished, 0 failed, 19 not run yet." in store.banner()
+    assert "1 of 28 runs finished, 0 failed, 27 not run yet." in store.banner()
 
     # nothing finished
     empty = tmp_path / "empty" / "quick"

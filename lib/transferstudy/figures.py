@@ -307,3 +307,225 @@ def param_importances(importances: pd.DataFrame, title: str):
     ax.set(xlabel="importance (share of variance)", ylabel="searched setting", title=title)
     fig.tight_layout()
     return fig
+
+
+# --- the analyses' figures (Feature reuse, Data scarcity: report.analyses computes what they draw) ---------------
+
+NETWORK_STYLES = {"backbone": ("-", "o"), "partial": ("--", "^"), "full": (":", "D")}  # line style, marker
+REGIME_COLOURS = {"frozen_svm": "#8c6bb1", "linear_probe": "#4878a8", "partial": "#e8a33d", "full": "#c8553d",
+                  "classical": "#6aa56a"}
+
+
+def _panel_grid(rows: int, cols: int, width: float = 4.6, height: float = 3.8, **kwargs):
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, **kwargs)
+    return fig, axes
+
+
+def _band(ax, x, low, high, color) -> None:
+    """A shaded interval where the points have one (NaN ends leave gaps)."""
+    low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+    if np.isfinite(low).any() and np.isfinite(high).any():
+        ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
+
+
+def _model_network_legend(fig, models: dict[str, str], networks: dict[str, str]) -> None:
+    handles = [plt.Line2D([], [], color=MODEL_COLOURS.get(m), linewidth=2.5, label=lab) for m, lab in models.items()]
+    handles += [plt.Line2D([], [], color="grey", linestyle=NETWORK_STYLES.get(n, ("-", "o"))[0],
+                           marker=NETWORK_STYLES.get(n, ("-", "o"))[1], label=lab) for n, lab in networks.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
+
+
+def _by_depth(points: pd.DataFrame, datasets: dict[str, str], models: dict[str, str], networks: dict[str, str],
+              title: str, ylabel: str, ylim: tuple[float, float] | None, threshold: float | None):
+    if points.empty:
+        raise ValueError(f"{title}: nothing to draw; show figures.no_data(...) when no run has finished")
+    fig, axes = _panel_grid(1, len(datasets), sharey=True)
+    for ax, (dataset, label) in zip(axes[0], datasets.items()):
+        shown = points[points["dataset"] == dataset]
+        for model in models:
+            for network in networks:
+                line = shown[(shown["model"] == model) & (shown["network"] == network)].sort_values("depth")
+                if line.empty:
+                    continue
+                style, marker = NETWORK_STYLES.get(network, ("-", "o"))
+                colour = MODEL_COLOURS.get(model)
+                ax.plot(line["depth"], line["value"], linestyle=style, marker=marker, markersize=4, color=colour)
+                _band(ax, line["depth"], line["ci_low"], line["ci_high"], colour)
+        if threshold is not None:
+            ax.axhline(threshold, color="grey", linewidth=0.8, linestyle="-.")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel("relative depth (0: first probe point, 1: last)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(label if len(shown) else f"{label}: no finished run")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    _model_network_legend(fig, {m: lab for m, lab in models.items() if m in set(points["model"])}, networks)
+    return fig
+
+
+def knn_by_depth(points: pd.DataFrame, datasets: dict[str, str], models: dict[str, str], networks: dict[str, str],
+                 title: str):
+    """k-NN test accuracy at each probe point against relative depth, so AlexNet and DeiT-Base share an axis: one
+    panel per dataset, colour per model, line style per network (backbone, fine-tunes), bands where a point has an
+    interval. ``points``: dataset, model, network, depth, value, ci_low, ci_high (``analyses.probes``)."""
+    return _by_depth(points, datasets, models, networks, title, "k-NN test accuracy", (0, 1), None)
+
+
+def cka_by_depth(points: pd.DataFrame, datasets: dict[str, str], models: dict[str, str], networks: dict[str, str],
+                 title: str, threshold: float = 0.5):
+    """Each fine-tuned network's CKA with the backbone at each probe point against relative depth, with its
+    bootstrap band and the ``threshold`` line: one panel per dataset, colour per model, line style per network."""
+    return _by_depth(points, datasets, models, networks, title, "CKA with the backbone (95% bootstrap band)",
+                     (0, 1.02), threshold)
+
+
+def _unit_panels(frame: pd.DataFrame, datasets: dict[str, str], models: dict[str, str], title: str):
+    if frame.empty:
+        raise ValueError(f"{title}: nothing to draw; show figures.no_data(...) when no run has finished")
+    shown_models = {m: lab for m, lab in models.items() if m in set(frame["model"])}
+    shown_datasets = {d: lab for d, lab in datasets.items() if d in set(frame["dataset"])}
+    widths = [max(3.0, 0.42 * frame[frame["model"] == m]["unit"].nunique() + 1.2) for m in shown_models]
+    fig, axes = plt.subplots(len(shown_datasets), len(shown_models), squeeze=False,
+                             figsize=(sum(widths) + 0.6, 3.4 * len(shown_datasets)),
+                             gridspec_kw={"width_ratios": widths})
+    return fig, axes, shown_datasets, shown_models
+
+
+def weight_distance_bars(frame: pd.DataFrame, datasets: dict[str, str], models: dict[str, str],
+                         networks: dict[str, str], title: str, skip: Sequence[str] = ("head",)):
+    """How far each unit moved in fine-tuning (each tensor's ||w − w0|| / ||w0||, summed per unit), grouped bars, one
+    bar per fine-tuned network; one panel per dataset (rows) and model (columns). ``frame``: dataset, model, network,
+    unit, value (``analyses.units(frame, "weight_distance")``). The ``skip`` units (the new head, trained from a
+    random start) are left out."""
+    frame = frame[~frame["unit"].isin(skip)]
+    fig, axes, shown_datasets, shown_models = _unit_panels(frame, datasets, models, title)
+    width = 0.8 / max(len(networks), 1)
+    for r, (dataset, dlabel) in enumerate(shown_datasets.items()):
+        for c, (model, mlabel) in enumerate(shown_models.items()):
+            ax = axes[r, c]
+            shown = frame[(frame["dataset"] == dataset) & (frame["model"] == model)]
+            order = list(pd.unique(shown["unit"]))
+            x = np.arange(len(order))
+            for k, network in enumerate(networks):
+                bars = shown[shown["network"] == network].set_index("unit").reindex(order)["value"]
+                ax.bar(x + (k - (len(networks) - 1) / 2) * width, bars.to_numpy(dtype=float), width,
+                       color=MODEL_COLOURS.get(model), alpha=0.45 if network == "partial" else 0.95,
+                       hatch="//" if network == "partial" else None, edgecolor="white", linewidth=0.5)
+            ax.set_xticks(x, order, rotation=60, ha="right", fontsize=8)
+            ax.set_xlabel("unit (input side first)")
+            ax.set_ylabel("Σ over its tensors of ‖w − w₀‖ / ‖w₀‖")
+            ax.set_title(f"{mlabel} on {dlabel}" if len(shown) else f"{mlabel} on {dlabel}: no finished run")
+            ax.grid(True, axis="y", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor="grey", alpha=0.45 if n == "partial" else 0.95,
+                             hatch="//" if n == "partial" else None, label=lab) for n, lab in networks.items()]
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
+    return fig
+
+
+def resilience_points(frame: pd.DataFrame, datasets: dict[str, str], models: dict[str, str], title: str):
+    """Test accuracy of one fine-tuned network with each unit restored to its start (filled) or re-drawn at random
+    (crosses), with their intervals, against the network's own accuracy (line, and its interval as a band): a point
+    below the band marks a unit the network needs. One panel per dataset (rows) and model (columns). ``frame``:
+    ``analyses.resilience_table``'s rows of one network."""
+    fig, axes, shown_datasets, shown_models = _unit_panels(frame, datasets, models, title)
+    for r, (dataset, dlabel) in enumerate(shown_datasets.items()):
+        for c, (model, mlabel) in enumerate(shown_models.items()):
+            ax = axes[r, c]
+            shown = frame[(frame["dataset"] == dataset) & (frame["model"] == model)].reset_index(drop=True)
+            colour = MODEL_COLOURS.get(model)
+            x = np.arange(len(shown))
+            if len(shown) and pd.notna(shown["baseline"].iloc[0]):
+                base = shown.iloc[0]
+                ax.axhline(base["baseline"], color="black", linewidth=0.9)
+                if pd.notna(base["baseline_low"]) and pd.notna(base["baseline_high"]):
+                    ax.axhspan(base["baseline_low"], base["baseline_high"], color="grey", alpha=0.2, linewidth=0)
+            for what, marker, face, shift in (("restore", "o", colour, -0.12), ("redraw", "x", "grey", 0.12)):
+                value = shown[what].to_numpy(dtype=float)
+                low, high = shown[f"{what}_low"].to_numpy(dtype=float), shown[f"{what}_high"].to_numpy(dtype=float)
+                err = np.vstack([np.where(np.isfinite(low), value - low, 0), np.where(np.isfinite(high), high - value, 0)])
+                ax.errorbar(x + shift, value, yerr=np.clip(err, 0, None), fmt=marker, color=face, mec=face,
+                            capsize=2, linewidth=0.8, markersize=5)
+            ax.set_xticks(x, shown["unit"], rotation=60, ha="right", fontsize=8)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("unit restored or re-drawn")
+            ax.set_ylabel("test accuracy (95% interval)")
+            ax.set_title(f"{mlabel} on {dlabel}" if len(shown) else f"{mlabel} on {dlabel}: no finished run")
+            ax.grid(True, axis="y", alpha=0.3)
+    handles = [plt.Line2D([], [], color="dimgrey", marker="o", linestyle="", label="unit restored to its start"),
+               plt.Line2D([], [], color="grey", marker="x", linestyle="", label="unit re-drawn at random"),
+               plt.Line2D([], [], color="black", linewidth=0.9, label="the network as trained (band: 95% interval)")]
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9)
+    return fig
+
+
+def cka_heatmap(layers: Sequence[str], matrix: np.ndarray, title: str):
+    """A network's layer x layer CKA with itself: bright blocks are layers that represent the images alike."""
+    matrix = np.asarray(matrix, dtype=float)
+    if matrix.ndim != 2 or matrix.shape != (len(layers), len(layers)) or not len(layers):
+        raise ValueError(f"cka_heatmap: a square matrix with one row per layer is needed; got {matrix.shape} for "
+                         f"{len(layers)} layers")
+    side = min(11.0, 0.32 * len(layers) + 3.2)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma", origin="lower")
+    ticks = np.arange(len(layers))
+    ax.set_xticks(ticks, layers, rotation=90, fontsize=7 if len(layers) > 12 else 9)
+    ax.set_yticks(ticks, layers, fontsize=7 if len(layers) > 12 else 9)
+    ax.set_xlabel("probe point (input side first)")
+    ax.set_ylabel("probe point (input side first)")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="CKA", shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def scarcity_curves(curves: pd.DataFrame, datasets: dict[str, str], models: dict[str, str], regimes: dict[str, str],
+                    title: str):
+    """Test accuracy against the fraction of the training split (log x): one line per regime, the mean over the
+    subset draws with its band (min to max over the draws; a 95% interval where a fraction has one draw, drawn
+    with a hollow marker); one panel per model (rows) and dataset (columns). ``curves``:
+    ``analyses.scarcity_curves``."""
+    if curves.empty:
+        raise ValueError(f"{title}: nothing to draw; show figures.no_data(...) when no run has finished")
+    shown_models = {m: lab for m, lab in models.items() if m in set(curves["model"])}
+    fig, axes = _panel_grid(len(shown_models), len(datasets), height=3.6, sharey=True)
+    fractions = sorted(curves["fraction"].unique())
+    for r, (model, mlabel) in enumerate(shown_models.items()):
+        for c, (dataset, dlabel) in enumerate(datasets.items()):
+            ax = axes[r, c]
+            shown = curves[(curves["model"] == model) & (curves["dataset"] == dataset)]
+            for regime in regimes:
+                line = shown[shown["regime"] == regime].sort_values("fraction")
+                if line.empty:
+                    continue
+                colour = REGIME_COLOURS.get(regime, "grey")
+                marker = REGIME_MARKERS.get(regime, "o")
+                ax.plot(line["fraction"], line["mean"], color=colour, linewidth=1.5)
+                _band(ax, line["fraction"], line["low"], line["high"], colour)
+                one = line["band"] == "interval"
+                ax.scatter(line.loc[~one, "fraction"], line.loc[~one, "mean"], marker=marker, color=colour, s=28,
+                           zorder=3)
+                ax.scatter(line.loc[one, "fraction"], line.loc[one, "mean"], marker=marker, facecolor="white",
+                           edgecolor=colour, s=28, zorder=3)
+            ax.set_xscale("log")
+            ax.set_xticks(fractions, [f"{100 * f:g}%" for f in fractions])
+            ax.minorticks_off()
+            ax.set_xlabel("fraction of the training split (log scale)")
+            ax.set_ylabel("test accuracy")
+            ax.set_title(f"{mlabel} on {dlabel}" if len(shown) else f"{mlabel} on {dlabel}: no finished run")
+            ax.grid(True, alpha=0.3)
+    handles = [plt.Line2D([], [], color=REGIME_COLOURS.get(r, "grey"), marker=REGIME_MARKERS.get(r, "o"), label=lab)
+               for r, lab in regimes.items() if r in set(curves["regime"])]
+    handles += [plt.Line2D([], [], color="grey", marker="o", linestyle="", label="mean of the draws (band: min–max)"),
+                plt.Line2D([], [], color="grey", marker="o", mfc="white", linestyle="",
+                           label="one draw (band: 95% interval)")]
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.1 if len(handles) > 4 else 0.07, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), frameon=False, fontsize=9)
+    return fig

@@ -351,7 +351,8 @@ class Store:
         return [r for r in self.runs.values() if r.ok]
 
     def counts(self) -> dict[str, int]:
-        return {s: sum(r.status == s for r in self.runs.values()) for s in ("ok", "failed", "damaged", "missing")}
+        """How many runs of the matrix (regimes and analyses) are ok, failed, damaged and missing."""
+        return {s: sum(r.status == s for r in self.every_run()) for s in ("ok", "failed", "damaged", "missing")}
 
     @property
     def pretrained(self) -> bool | None:
@@ -392,7 +393,7 @@ class Store:
                      f"pipeline runs, not what transfer learning achieves.\n```\n\n")
         c = self.counts()
         text += (f"**Results in this book:** {self.source(done).removeprefix('Source: ').rstrip('.')} · "
-                 f"{c['ok']} of {len(self.runs)} runs finished, {c['failed']} failed, "
+                 f"{c['ok']} of {len(self.every_run())} runs finished, {c['failed']} failed, "
                  f"{c['missing']} not run yet")
         text += f", {c['damaged']} damaged." if c["damaged"] else "."
         if self.profile == "smoke":
