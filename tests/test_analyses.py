@@ -154,11 +154,23 @@ def test_clear_family_deletes_one_run_folders_states_only(tmp_path):
 def test_a_finished_run_deletes_the_states_its_earlier_settings_left(cifar_dir, tmp_path):
     run = start("full", cifar_dir, tmp_path)
     state = run.train_state()
-    abandoned = _state_file(state.folder, f"{run._resume_family()}feedfeedfeed")
-    elsewhere = _state_file(state.folder, "cifar10-alexnet-full-00000000-feedfeedfeed")
-    assert state.name.startswith(run._resume_family()) and run.train_state("fraction0.5-seed42").key != state.key
+    abandoned = _state_file(state.folder, f"{run._resume_family()}full-feedfeedfeed")
+    elsewhere = _state_file(state.folder, "quick-cifar10-alexnet-full-full-feedfeedfeed")  # another profile's run
+    assert state.name.startswith("smoke-cifar10-alexnet-full-full-")
     run.finish(trainable=1, total=2)
     assert not abandoned.exists() and elsewhere.exists()
+
+
+def test_a_data_scarcity_runs_subset_states_are_its_own(cifar_dir, tmp_path):
+    run = start("data_scarcity", cifar_dir, tmp_path)
+    probe = run.as_regime("linear_probe")
+    subset = probe.train_state("fraction0.5-seed42")
+    assert probe.owner == "data_scarcity" and subset.key != probe.train_state("fraction0.25-seed42").key
+    mine = _state_file(subset.folder, subset.name)
+    the_probe_runs = _state_file(subset.folder, "smoke-cifar10-alexnet-linear_probe-linear_probe-feedfeedfeed")
+    assert subset.name.startswith("smoke-cifar10-alexnet-data_scarcity-linear_probe-")
+    run.finish(trainable=0, total=1)
+    assert not mine.exists() and the_probe_runs.exists()  # the linear probe's own run is another run
 
 
 # --- the results store ---------------------------------------------------------------------------------

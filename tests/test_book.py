@@ -29,6 +29,7 @@ from PIL import Image
 from conftest import BAD_WEIGHTS, FAILING, REPO, Study
 
 from transferstudy import book, cli, config, figures, report, results, runner, search
+from transferstudy.report.store import RUN_LABELS
 from transferstudy.report import chapters, stats, tables
 
 matplotlib.use("Agg")
@@ -425,7 +426,7 @@ def test_each_run_has_one_page_that_matches_its_state(generated, smoke, spec):
     if state == "ok":
         nb = nbformat.read(base.with_suffix(".ipynb"), as_version=4)
         assert "papermill" not in nb.metadata
-        assert nb.cells[0].source.startswith(f"# {report.REGIME_LABELS[spec.regime]}: ")
+        assert nb.cells[0].source.startswith(f"# {RUN_LABELS[spec.regime]}: ")
         assert "Parameters of this run" in nb.cells[1].source
         for cell in nb.cells:
             tags = cell.metadata.get("tags", [])
@@ -439,7 +440,7 @@ def test_each_run_has_one_page_that_matches_its_state(generated, smoke, spec):
         assert any("image/png" in o.get("data", {}) for o in outputs)
     else:
         text = base.with_suffix(".md").read_text()
-        assert text.startswith(f"# {report.REGIME_LABELS[spec.regime]}: ") and "{warning}" in text  # random-init banner
+        assert text.startswith(f"# {RUN_LABELS[spec.regime]}: ") and "{warning}" in text  # random-init banner
         if state == "failed":
             assert "{error}" in text and "**failed**" in text
             if spec.key == FAILING:  # it asked for ImageNet weights (from a file that holds none)

@@ -28,6 +28,7 @@ from test_book import build, copy_book_sources, toc_files
 from transferstudy import book, cli, config, export, report
 from transferstudy.bundle import predict_files
 from transferstudy.report import chapters
+from transferstudy.report import store as store_module
 
 BIN = Path(sys.executable).parent
 UNPACKED = Path("runs") / "bundle"  # where `make book RESULTS=...` unpacks a bundle, relative to the book's root
@@ -118,15 +119,18 @@ def test_the_bundle_holds_what_the_book_reads_each_member_checked_by_the_manifes
     had = {k: s for k, s in smoke.status.items() if s != "missing"}
     assert {r["key"]: r["status"] for r in manifest["runs"]} == had
     assert manifest["not_run"] == sorted(k for k, s in smoke.status.items() if s == "missing")
+    cells = {run.key: run for run in store.every_run()}
     for entry in manifest["runs"]:
-        run = store.runs[tuple(entry["key"].split("/"))]
+        run = cells[entry["key"]]
         assert entry["path"] == f"runs/{run.run_dir.relative_to(smoke.profile_dir.parent).as_posix()}"
         expected = {f.name for f in run.run_dir.iterdir() if f.name in export.RUN_FILES
                     or re.fullmatch(r"embeddings-.*\.npz", f.name)}
         packed = {n.removeprefix(entry["path"] + "/") for n in names if n.startswith(entry["path"] + "/")}
         assert packed == expected and "meta.json" in packed, entry["key"]
         assert all(files[f"{entry['path']}/{n}"] == (run.run_dir / n).read_bytes() for n in packed)
-        assert ("notebook.ipynb" in packed and "predictions.npz" in packed) == (entry["status"] == "ok")
+        kept = ("predictions.npz",) if run.regime in config.NOTEBOOK_REGIMES else (
+            store_module.ANALYSIS_TABLES[run.regime][0],)  # an analysis keeps its table, which the book reads
+        assert ("notebook.ipynb" in packed and all(k in packed for k in kept)) == (entry["status"] == "ok")
     assert next(r["path"] for r in manifest["runs"] if r["key"] == FAILING).endswith("linear_probe.failed")
     assert not [n for n in names if "/bundle/" in n or "/.cache/" in n or n.endswith(".lock")]  # no models, caches
 
@@ -192,7 +196,7 @@ def test_with_models_the_model_bundles_travel_and_still_predict(smoke, data_root
     assert models == sorted(prefix + f.relative_to(run_dir / "bundle").as_posix()
                             for f in (run_dir / "bundle").rglob("*") if f.is_file())
     assert manifest["with_models"] is True and manifest["not_run"] == sorted(
-        k for k in (f"{d}/{m}/{r}" for d in config.DATASETS for m in config.MODELS for r in config.NOTEBOOK_REGIMES)
+        k for k in (f"{d}/{m}/{r}" for d in config.DATASETS for m in config.MODELS for r in config.NOTEBOOKS)
         if k != "cifar10/alexnet/frozen_svm")
     unpacked = tmp_path / "unpacked"
     export.import_bundle(out, unpacked)

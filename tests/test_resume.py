@@ -227,7 +227,7 @@ def test_kill_9_of_a_smoke_fine_tune_then_the_same_command_resumes_bit_identical
     killed = _transferstudy(root, runs)
     state = runs / ".cache" / "resume"
     deadline = time.monotonic() + 600
-    while not list(state.glob("cifar10-alexnet-full-*.r0.e0001.*.pt")) and time.monotonic() < deadline:
+    while not list(state.glob("smoke-cifar10-alexnet-full-*.r0.e0001.*.pt")) and time.monotonic() < deadline:
         assert killed.poll() is None, killed.communicate()[0]
         time.sleep(0.05)
     _kill_tree(killed.pid)

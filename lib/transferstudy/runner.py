@@ -225,7 +225,7 @@ def fingerprint(spec: RunSpec, profile: str, params: dict[str, Any], code: str) 
         path = Path(weights).expanduser()
         stat = path.stat() if path.is_file() else None
         h.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode() if stat else b"weights missing")
-    for name in sorted(n for n in params if n in ("source_dir", *SOURCES.get(spec.regime, {}))):  # fine-tunes read
+    for name in sorted(sources(spec, settings)):  # the fine-tunes it reads
         source_meta = Path(params[name]) / "meta.json"
         h.update(source_meta.read_bytes() if source_meta.exists() else b"missing")
     return h.hexdigest()
@@ -533,7 +533,8 @@ def _execute_locked(spec: RunSpec, profile: str, final: Path, params: dict[str, 
         meta = read_json(stage / "meta.json")  # the notebook's last step writes it
     except Exception as exc:  # papermill raises its own error types and kernel errors
         error = _error_of(exc)
-        where = _keep_failed(final, stage, error, wall_s=round(time.time() - started, 2), fingerprint=digest)
+        where = _keep_failed(final, stage, error, wall_s=round(time.time() - started, 2), fingerprint=digest,
+                             pretrained=_pretrained(spec, profile, params))
         return Outcome(spec, "failed", time.time() - started, where, error)
     except BaseException:  # interrupted (Ctrl-C): keep the attempt as failed, then stop
         _keep_failed(final, stage, "interrupted (KeyboardInterrupt or exit) before the run finished",
@@ -550,6 +551,16 @@ def _execute_locked(spec: RunSpec, profile: str, final: Path, params: dict[str, 
         return Outcome(spec, "failed", time.time() - started, stage, error)
     shutil.rmtree(failed, ignore_errors=True)
     return Outcome(spec, "ok", time.time() - started, final)
+
+
+def _pretrained(spec: RunSpec, profile: str, params: dict[str, Any]) -> bool | None:
+    """Whether the run asked for ImageNet weights (what its rerun command must keep), even when it failed before
+    its notebook recorded its settings."""
+    try:
+        return config.resolve(spec.regime, spec.model, spec.dataset, profile,
+                              {k: v for k, v in params.items() if k not in config.run_names(spec.regime)})["pretrained"]
+    except config.ConfigError:
+        return None
 
 
 def _unread_notes(overrides: dict[str, Any], specs: Sequence[RunSpec]) -> list[str]:
@@ -596,17 +607,17 @@ def run_matrix(profile: str, data_root: Path, runs_root: Path, overrides: dict[s
     config.resolve("full", config.MODELS[0], config.DATASETS[0], profile)  # unknown profile -> clear error
     specs = matrix(only)
     per_run = config.check_overrides(overrides, [(s.regime, s.model, s.dataset) for s in specs], profile)
-    preflight.check_runs([(s.regime, s.model, s.dataset,  # the data, the split sizes, the weights: all up front
-                           config.resolve(s.regime, s.model, s.dataset, profile, per_run[(s.regime, s.model, s.dataset)]))
-                          for s in specs], Path(data_root))
+    settings = {s: config.resolve(s.regime, s.model, s.dataset, profile, per_run[(s.regime, s.model, s.dataset)])
+                for s in specs}
+    preflight.check_runs([(s.regime, s.model, s.dataset, settings[s]) for s in specs],  # the data, the split sizes,
+                         Path(data_root))                                               # the weights: up front
     notes = _unread_notes(overrides, specs) + _unapplied_notes(overrides, specs, per_run)
     _DATA_SIGNATURES.clear()  # the data may have changed since an earlier call in this process
     code = _code_digest()
     root = Path(runs_root)
     folders = [run_dir_for(root, profile, s) for s in specs]
     for s in specs:  # the fine-tunes a run reads: nobody may swap them meanwhile
-        settings = config.resolve(s.regime, s.model, s.dataset, profile, per_run[(s.regime, s.model, s.dataset)])
-        folders += [run_dir_for(root, profile, RunSpec(s.dataset, s.model, r)) for r in sources(s, settings).values()]
+        folders += [run_dir_for(root, profile, RunSpec(s.dataset, s.model, r)) for r in sources(s, settings[s]).values()]
     outcomes = []
     with hold(folders, wait=wait) as taken:
         bar = tqdm(specs, desc=f"study ({profile})", unit="run", mininterval=1.0)

@@ -43,6 +43,10 @@ class Session:
     log: Any = print
     notes: list[str] = field(default_factory=list)
     resume: training.TrainState | None = None  # where fit keeps its state; finish deletes it
+    owner: str = ""  # the regime or analysis whose notebook this is (as_regime keeps it); default: regime
+
+    def __post_init__(self) -> None:
+        self.owner = self.owner or self.regime
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -242,17 +246,17 @@ class Session:
         identity = {"regime": self.regime, "cfg": self.cfg, "split": self.data.split_hash, "weights": self.weights_id(),
                     "subset": subset}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-        return training.TrainState(self._resume_folder(), f"{self._resume_family()}{key[:12]}", key)
+        return training.TrainState(self._resume_folder(), f"{self._resume_family()}{self.regime}-{key[:12]}", key)
 
     def _resume_folder(self) -> Path:
         return (self.cache_dir or Path.home() / ".cache" / "transferstudy") / "resume"
 
     def _resume_family(self) -> str:
-        """The name prefix of every training state of this run folder: whatever its settings, one run folder is
-        run by one process at a time (its lock), so its states other than the current one were abandoned."""
-        final = self.output_dir.with_name(self.output_dir.name.removesuffix(".running"))
-        where = hashlib.sha256(str(final.resolve()).encode()).hexdigest()[:8]
-        return f"{self.cfg['dataset']}-{self.cfg['model']}-{self.regime}-{where}-"
+        """The name prefix of every training state of this run, whatever its settings: its profile, dataset, model
+        and notebook (``owner``). A feature cache serves one results store, where that names one run folder, which
+        one process runs at a time (its lock); so when the run finishes, its other states were abandoned. The
+        same on every torchrun rank, whose scratch folders differ."""
+        return f"{self.cfg['profile']}-{self.cfg['dataset']}-{self.cfg['model']}-{self.owner}-"
 
     def evaluate(self, predict_val: tuple[np.ndarray, np.ndarray], predict_test: tuple[np.ndarray, np.ndarray],
                  classifier: str = "head") -> dict[str, Any]:

@@ -12,7 +12,6 @@ on CPU it runs plain fp32. Under ``torch.distributed`` (torchrun, see :mod:`tran
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import math
 import os
@@ -433,11 +432,11 @@ class TrainState:
             path.unlink(missing_ok=True)
 
     @staticmethod
-    def clear_family(folder: str | Path, prefix: str) -> list[Path]:
-        """Delete every state in ``folder`` whose name starts with ``prefix`` (all the states of one run folder,
-        whatever their settings), with what a kill in the middle of a write left; returns the files deleted."""
+    def clear_family(folder: str | Path, pattern: str) -> list[Path]:
+        """Delete every state in ``folder`` whose name matches the glob ``pattern`` (e.g. all the states of one run
+        folder, whatever their settings), with what a kill in the middle of a write left; the files deleted."""
         folder = Path(folder)
-        gone = sorted([*folder.glob(f"{glob.escape(prefix)}*.r*.e*.pt"), *folder.glob(f".{glob.escape(prefix)}*.tmp")])
+        gone = sorted([*folder.glob(f"{pattern}*.r*.e*.pt"), *folder.glob(f".{pattern}*.tmp")])
         for path in gone:
             path.unlink(missing_ok=True)
         return gone

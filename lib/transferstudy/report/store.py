@@ -29,6 +29,7 @@ REGIME_LABELS = {"frozen_svm": "Frozen features → SVM", "linear_probe": "Linea
                  "partial": "Partial fine-tune", "full": "Full fine-tune",
                  "classical": "Classical classifiers on embeddings"}
 ANALYSIS_LABELS = {"feature_reuse": "Feature reuse", "data_scarcity": "Data scarcity"}
+RUN_LABELS = {**REGIME_LABELS, **ANALYSIS_LABELS}  # what each notebook of the matrix is, for titles
 # The tidy table each analysis writes into its run folder, and its columns (issue #12).
 ANALYSIS_TABLES = {
     "feature_reuse": ("feature_reuse.csv", ("network", "layer", "measure", "value", "ci_low", "ci_high")),
@@ -84,12 +85,11 @@ class Run:
     @property
     def label(self) -> str:
         """'AlexNet, linear probe': the model and regime, for legends and sentences."""
-        return f"{MODEL_LABELS[self.model]}, {REGIME_LABELS[self.regime].lower()}"
+        return f"{MODEL_LABELS[self.model]}, {RUN_LABELS[self.regime].lower()}"
 
     @property
     def title(self) -> str:
-        what = REGIME_LABELS.get(self.regime) or ANALYSIS_LABELS[self.regime]
-        return f"{what}: {MODEL_LABELS[self.model]} on {DATASET_LABELS[self.dataset]}"
+        return f"{RUN_LABELS[self.regime]}: {MODEL_LABELS[self.model]} on {DATASET_LABELS[self.dataset]}"
 
     @property
     def ok(self) -> bool:
