@@ -858,7 +858,7 @@ def test_the_results_command_names_the_unreadable_file_of_a_damaged_run(mixed, c
 
 
 def test_book_data_gives_a_cut_off_notebook_a_note_page_naming_it_and_keeps_the_old_pages_until_done(
-        mixed, tmp_path, monkeypatch):
+        mixed, tmp_path, monkeypatch, capsys):
     from transferstudy import book
 
     root = tmp_path / "book-root"
@@ -869,6 +869,9 @@ def test_book_data_gives_a_cut_off_notebook_a_note_page_naming_it_and_keeps_the_
     book.generate(mixed["profile"], tmp_path / "no-data", root)
     page = (root / book.GENERATED / "runs" / "cifar10-alexnet-frozen_svm.md").read_text()
     assert "This run **damaged**" in page and str(svm / "notebook.ipynb") in page and "--force" in page
+    said = capsys.readouterr().err  # and on the console, naming the file
+    line = next(line for line in said.splitlines() if line.startswith("cifar10/alexnet/frozen_svm damaged: "))
+    assert str(svm / "notebook.ipynb") in line and "--force" in line
     assert (root / book.GENERATED / "runs" / "cifar10-alexnet-classical.md").is_file()  # the others are written
     # a failure while writing the pages leaves the previous pages as they were
     before = sorted(p.name for p in (root / book.GENERATED / "runs").iterdir())

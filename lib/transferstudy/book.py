@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ def generate(profile_dir: str | Path, data_root: str | Path, book_root: str | Pa
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "runs").mkdir(parents=True)
     for run in store.every_run():
-        _write_run_page(store, run, stage, bundle)
+        shown = _write_run_page(store, run, stage, bundle)
+        if shown.status in ("failed", "damaged"):  # said on the console too, not only on its page
+            print(f"{shown.key} {shown.status}: {(shown.error or 'unknown error').splitlines()[0]}", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
     stage.rename(out)
     write_context(book_root, profile_dir, data_root)
@@ -89,7 +92,8 @@ def _rerun_command(store: Store, run: Run) -> str:
             f"--only {run.key} --force{extra}")
 
 
-def _write_run_page(store: Store, run: Run, out: Path, bundle: dict[str, Any] | None) -> None:
+def _write_run_page(store: Store, run: Run, out: Path, bundle: dict[str, Any] | None) -> Run:
+    """Write the run's page; returns the run as the page shows it (``damaged`` when its notebook is unreadable)."""
     base = out / "runs" / page_name(run.dataset, run.model, run.regime)
     notebook = run.run_dir / "notebook.ipynb" if run.run_dir else None
     if run.ok and notebook is not None and notebook.is_file():
@@ -101,7 +105,7 @@ def _write_run_page(store: Store, run: Run, out: Path, bundle: dict[str, Any] | 
                                       f"rerun it with `transferstudy run --only {run.key} --force`")
         else:
             nbformat.write(_clean_notebook(executed, run), base.with_suffix(".ipynb"))
-            return
+            return run
     run_cmd = _rerun_command(store, run)
     if run.status in ("failed", "damaged"):
         partial = (f" The partial notebook, executed up to the failing cell, is `{notebook}`."
@@ -125,6 +129,7 @@ def _write_run_page(store: Store, run: Run, out: Path, bundle: dict[str, Any] | 
     body += (f"\nThe notebook behind this page is `notebooks/{runner.NOTEBOOKS[run.regime]}`, run with "
              f"`model={run.model}`, `dataset={run.dataset}`, `profile={store.profile}`.\n")
     base.with_suffix(".md").write_text(f"# {run.title}\n\n{store.banner()}\n{body}")
+    return run
 
 
 def _clean_notebook(nb: nbformat.NotebookNode, state: Run) -> nbformat.NotebookNode:
