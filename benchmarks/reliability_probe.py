@@ -76,16 +76,16 @@ LIBRARY_ERRORS = ("ConfigError", "DataError", "BundleError", "RunnerError", "Loc
 BASE_ARGS = ["--profile", "smoke", "--only", "cifar10/alexnet/full", "-p", "pretrained", "false", "-p", "epochs", "3"]
 OUTCOMES = ("ok", "clear", "unclear", "traceback", "silent-wrong", "loss")
 
-# Verdicts by reading the messages of the run of 2026-12-05 (name -> (final verdict, why)); see RELIABILITY.md.
-# Where the verdict equals the automatic one, the entry only says why.
-_LATE = "refused late: inside the notebook ~10-20 s after start, not by the up-front check; the attempt is kept as .failed"
+# Verdicts by reading the messages of the run of 2026-12-05 at 2e61093 (name -> (final verdict, why)); see
+# RELIABILITY.md. Where the verdict equals the automatic one, the entry only says why. (The verdicts of the run
+# before, at 964d1ab, are in that file's history: 8 silent wrong results, 3 unclear, 1 loss.)
 JUDGEMENTS: dict[str, tuple[str, str]] = {
-    "p_ntrain_more_than_data": ("clear", _LATE + "; says 'or None' where the CLI word is none"),
-    "p_data_root_wrong": ("clear", _LATE + "; names the missing path (its hint 'pass download=True' is the Python "
-                                             "API's, `run` has no such option)"),
-    "p_weights_not_state_dict": ("clear", _LATE),
-    "p_pretrained_offline": ("clear", _LATE + "; names the URL, where to put the file, and -p pretrained false"),
-    "p_val_source_on_cifar": ("clear", _LATE),
+    "p_ntrain_more_than_data": ("clear", "refused up front (preflight reads the split sizes), before any run starts"),
+    "p_data_root_wrong": ("clear", "refused up front; names the missing path and the folder to pass instead"),
+    "p_weights_not_state_dict": ("clear", "refused up front (preflight opens the file)"),
+    "p_pretrained_offline": ("clear", "refused up front after a 3 s reachability probe; names the URL, where to put "
+                                      "the file, and -p pretrained false"),
+    "p_val_source_on_cifar": ("clear", "refused up front; says why CIFAR-10 has no val_source and what to do"),
     "p_lr_not_read": ("clear", "does not suggest lr_backbone / lr_head, but says lr is not read by the full fine-tune"),
     "pm_not_read": ("clear", "not refused as `transferstudy run` refuses it, but not silent: papermill prints 'Passed "
                              "unknown parameter: batch_size' and the notebook's first cell prints this note"),
@@ -93,35 +93,18 @@ JUDGEMENTS: dict[str, tuple[str, str]] = {
                                    "only '[1/1] ...: ok'. The result is identical to the first run's"),
     "s_cache_flipped": ("clear", "as s_cache_truncated: in the notebook, not on the console; result identical"),
     "s_cache_no_record": ("clear", "as s_cache_truncated: in the notebook, not on the console; result identical"),
-    "s_results_meta_garbage": ("unclear", "the table says 'damaged' but names neither the file nor the fix; "
-                                          "results --json and the book page do"),
-    "s_results_metrics_truncated": ("unclear", "as s_results_meta_garbage"),
-    "s_bookdata_notebook_truncated": ("unclear", "names neither the run nor the file (nbformat's message), and one "
-                                                 "damaged notebook stops book-data for the whole book, after it has "
-                                                 "deleted the previous pages"),
-    "s_stale_running_other": ("loss", "the finished fine-tune is intact in full/, but `results` (and book-data) show "
-                                      "the cell as failed: the killed attempt, kept as full.failed, is newer. Running "
-                                      "that cell's unchanged command again removes it"),
+    "s_results_meta_garbage": ("clear", "the table's row says 'damaged'; the line under the table names the file, "
+                                        "the parse error and the command that reruns it"),
+    "s_results_metrics_truncated": ("clear", "as s_results_meta_garbage"),
+    "s_bookdata_notebook_truncated": ("clear", "the run's page becomes a 'damaged' note naming the file and the "
+                                               "rerun command, the other pages are written, and the console says it"),
     "s_lock_garbage": ("clear", "'pid None' is odd for an unreadable lock file, but it says the lock was taken over"),
-    "s_lock_live_wait": ("clear", "prints 'waited 2.99991 s' for --wait 3"),
+    "s_lock_live_wait": ("clear", "prints 'waited 2.99994 s' for --wait 3"),
     "s_compare_different_tests": ("clear", "its detail '(10 test images vs 10 test images, ...)' does not show the "
                                            "difference, but the refusal is plain"),
     "r_corrupt_image": ("clear", "names the file; 're-extract the dataset' is the data loader's hint, odd for predict"),
-    "p_only_empty": ("silent-wrong", "an empty glob matches no run name, yet the whole 20-run matrix starts (hours "
-                                     "with --profile quick)"),
-    "p_label_rule_on_cifar": ("silent-wrong", "accepted, no note; no effect on the CIFAR-10 run, yet params.json "
-                                              "records label_rule='argmax'"),
-    "p_momentum_with_adamw": ("silent-wrong", "run --help's table says '(read with optimizer sgd)', but the setting "
-                                              "is accepted without a note and changes nothing"),
-    "p_warmup_with_plateau": ("silent-wrong", "accepted without a note; ReduceLROnPlateau has no warmup"),
-    "p_max_iter_with_rbf": ("silent-wrong", "accepted without a note; the RBF SVC runs to convergence"),
     "d_flipped_bytes_jpeg": ("silent-wrong", "decodes to other pixels without an error (libjpeg's 'corrupt data' "
                                              "warning is not surfaced); catching it needs a checksum list of the data"),
-    "d_fer_vote_sum": ("silent-wrong", "accepted; FERPlus has 10 taggers per image (the real files: 28,557 rows sum "
-                                       "to 10, one to 9), a row summing to 40 is corrupt"),
-    "r_fer_colour_photo": ("silent-wrong", "training decodes FERPlus images to gray (ITU-R 601 luma); predict feeds "
-                                           "the colour pixels, so a colour photo gets another answer than the gray "
-                                           "image the model was trained on"),
 }
 
 

@@ -328,3 +328,12 @@ def test_search_checks_its_pinned_settings_the_same_way_before_starting(tmp_path
     with pytest.raises(config.ConfigError, match="-p lr=-0.5: too small"):
         search.search(**common, space_file=bad_space)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("only", ["", " ", ",", " , "])
+def test_an_empty_only_is_refused_not_read_as_the_whole_matrix(only):
+    # an unset shell variable in --only "$RUNS" must not start every run of the study
+    with pytest.raises(runner.RunnerError, match=r"names no run; leave --only out to run every run"):
+        runner.matrix(only)
+    assert len(runner.matrix(None)) == 28 and [s.key for s in runner.matrix("cifar10/alexnet/full")] == [
+        "cifar10/alexnet/full"]
