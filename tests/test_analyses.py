@@ -173,6 +173,48 @@ def test_a_data_scarcity_runs_subset_states_are_its_own(cifar_dir, tmp_path):
     assert not mine.exists() and the_probe_runs.exists()  # the linear probe's own run is another run
 
 
+def test_a_kept_result_is_read_back_only_when_sound_and_of_the_same_training(tmp_path):
+    said = []
+    state = training.TrainState(tmp_path, "smoke-cifar10-alexnet-data_scarcity-full-0123456789ab", key="k1")
+    assert state.load_result(said.append) is None
+    path = state.save_result([3, 1, 2])
+    assert state.load_result(said.append) == [3, 1, 2] and "not trained again" in said[-1]
+    assert state.save_result([4]) != path and not path.exists()  # one kept result per training: the newest
+    assert training.TrainState(tmp_path, state.name, key="k2").load_result(said.append) is None  # other settings
+    assert "written for other settings" in said[-1] and not list(tmp_path.glob("*.done.*"))  # deleted
+    path = state.save_result([5, 6])
+    path.write_bytes(path.read_bytes().replace(b"5", b"7"))  # altered on disk
+    assert state.load_result(said.append) is None and "do not match the checksum" in said[-1] and not path.exists()
+    state.save_result([1])
+    gone = training.TrainState.clear_family(tmp_path, "smoke-cifar10-alexnet-data_scarcity-")
+    assert [p.name.split(".")[1] for p in gone] == ["done"] and not list(tmp_path.iterdir())
+
+
+def test_a_restarted_data_scarcity_run_does_not_train_a_finished_subset_again(cifar_dir, tmp_path):
+    trained = []
+
+    def train_and_score(run, idx):
+        tuned = run.build_model()
+        run.fit(tuned, run.data.train.take(idx), subset=f"n{len(idx)}")
+        trained.append(len(idx))
+        return run.predict(tuned, "test")[1]
+
+    first = start("data_scarcity", cifar_dir, tmp_path).as_regime("full")
+    predicted = first.subset_result("n4", lambda: train_and_score(first, np.arange(4)))
+    assert trained == [4] and predicted.shape == (6,)
+    # the run killed here, then started again: the finished subset is read back, the next one is trained
+    again = start("data_scarcity", cifar_dir, tmp_path).as_regime("full")
+    assert np.array_equal(again.subset_result("n4", lambda: train_and_score(again, np.arange(4))), predicted)
+    again.subset_result("n6", lambda: train_and_score(again, np.arange(6)))
+    assert trained == [4, 6]
+    # another setting is another training; the finished run keeps nothing
+    other = start("data_scarcity", cifar_dir, tmp_path, batch_size=2).as_regime("full")
+    other.subset_result("n4", lambda: train_and_score(other, np.arange(4)))
+    assert trained == [4, 6, 4]
+    again.finish(trainable=0, total=1)
+    assert not list((tmp_path / "cache" / "resume").glob("*.done.*.json"))
+
+
 # --- the results store ---------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,19 @@ class Session:
         if reporter is not None and reporter.pruned_epoch is not None:
             self.recorder.meta.update(pruned_epoch=reporter.pruned_epoch)
         return history
+
+    def subset_result(self, subset: str, train_and_score: Callable[[], np.ndarray]) -> np.ndarray:
+        """``train_and_score()`` (one fit on a named training ``subset`` and what it predicts), or the same result kept
+        from before: a run of many fits (the data-scarcity analysis), killed midway and started again, trains
+        only the fits it had not finished. The result is kept beside the fits' training states, with a checksum,
+        for the same regime, settings, split, starting weights and subset only; :meth:`finish` deletes it."""
+        state = self.train_state(subset)
+        kept = state.load_result(self.log)
+        if kept is not None:
+            return np.asarray(kept)
+        value = np.asarray(train_and_score())
+        state.save_result(value.tolist())
+        return value
 
     def train_state(self, subset: str | None = None) -> training.TrainState:
         """Where :meth:`fit` keeps its state at the end of every epoch, so that the same run killed midway

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import random
@@ -34,7 +35,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from tqdm import tqdm  # plain bars: notebooks run under papermill, where widgets cannot render
 
-from .results import file_digest, write_state_dict
+from .results import atomic_write_bytes, file_digest, write_state_dict
 
 Preprocess = Callable[[torch.Tensor, bool], torch.Tensor]
 EpochCallback = Callable[[int, dict[str, float]], bool]
@@ -426,6 +427,37 @@ class TrainState:
             log(f"resume: going on after epoch {state['epoch']} from {self.folder / self.files(0)[0].name}")
         return state
 
+    def save_result(self, value: Any) -> Path:
+        """Keep what this training led to (``value``: JSON-able, e.g. a subset fit's test predictions) once its
+        epoch states are gone, so a killed run that has many fits does not train this one again. The file is
+        ``<name>.done.<sha256 prefix>.json``, written in one step; :meth:`clear_family` deletes it."""
+        payload = json.dumps({"format": self.FORMAT, "key": self.key, "value": value}).encode()
+        path = self.folder / f"{self.name}.done.{hashlib.sha256(payload).hexdigest()[:16]}.json"
+        atomic_write_bytes(path, payload)
+        for old in self.folder.glob(f"{self.name}.done.*.json"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        return path
+
+    def load_result(self, log: Callable[[str], Any]) -> Any | None:
+        """The value :meth:`save_result` kept, or None; a damaged or foreign file is reported and deleted."""
+        for path in sorted(self.folder.glob(f"{self.name}.done.*.json")):
+            payload = path.read_bytes()
+            why = None
+            if hashlib.sha256(payload).hexdigest()[:16] != path.name.split(".")[-2]:
+                why = "its bytes do not match the checksum in its name (truncated or altered)"
+            else:
+                kept = json.loads(payload)
+                if not isinstance(kept, dict) or kept.get("format") != self.FORMAT or kept.get("key") != self.key:
+                    why = "it was written for other settings"
+                else:
+                    log(f"resume: {path.name} holds this training's result from before the run was stopped; not "
+                        f"trained again")
+                    return kept["value"]
+            log(f"resume: {path} is not used and was deleted: {why}")
+            path.unlink(missing_ok=True)
+        return None
+
     def clear(self) -> None:
         """Delete every rank's state (the run finished), and what a kill in the middle of a write left."""
         for path in [*self.files(), *self.folder.glob(f".{self.name}.*.tmp")]:
@@ -436,7 +468,8 @@ class TrainState:
         """Delete every state in ``folder`` whose name matches the glob ``pattern`` (e.g. all the states of one run
         folder, whatever their settings), with what a kill in the middle of a write left; the files deleted."""
         folder = Path(folder)
-        gone = sorted([*folder.glob(f"{pattern}*.r*.e*.pt"), *folder.glob(f".{pattern}*.tmp")])
+        gone = sorted([*folder.glob(f"{pattern}*.r*.e*.pt"), *folder.glob(f"{pattern}*.done.*.json"),
+                       *folder.glob(f".{pattern}*.tmp")])
         for path in gone:
             path.unlink(missing_ok=True)
         return gone
