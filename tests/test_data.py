@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from synthetic import (
 
 from transferstudy import cli
 from transferstudy.data import (
+    CHECKSUMS,
     CLASSES,
     DATASETS,
     LABEL_RULES,
@@ -781,7 +783,8 @@ def test_check_clean_dataset(tmp_path: Path, capsys: pytest.CaptureFixture):
     captured = capsys.readouterr()
     out = captured.out.splitlines()
     assert not [line for line in out if line.startswith("bad")]
-    assert out[-1] == (
+    assert out[-1].startswith("no checksum list (SHA256SUMS): ") and "add --record" in out[-1]
+    assert out[-2] == (
         f"checked {len(files)} images of ferplus in {root} (kaggle layout, label rule argmax): 0 bad; "
         f"{len(groups)} groups of identical images, {len(across)} of them across splits"
     )
@@ -808,7 +811,7 @@ def test_check_lists_each_bad_file_and_fails(tmp_path: Path, capsys: pytest.Capt
     assert cli.main(["data", "--check", "--dataset", "ferplus", "--data-dir", str(root)]) == 1
     out = capsys.readouterr().out.splitlines()
     assert [line for line in out if line.startswith("bad")] == [f"bad  {f}  {r}" for f, r in check.bad]
-    assert re.fullmatch(rf"checked {n} images of ferplus in .*: 3 bad; .*", out[-1])
+    assert re.fullmatch(rf"checked {n} images of ferplus in .*: 3 bad; .*", out[-2])
 
     assert cli.main(["data", "--check", "--json", "--dataset", "ferplus", "--data-dir", str(root)]) == 1
     report = json.loads(capsys.readouterr().out)
@@ -839,6 +842,82 @@ def test_check_refuses_bad_arguments_and_layouts(tmp_path: Path, capsys: pytest.
     missing = tmp_path / "nowhere"
     assert cli.main(["data", "--check", "--dataset", "cifar10", "--data-dir", str(missing)]) == 2
     assert f"data_dir {missing} does not exist" in capsys.readouterr().err
+
+
+# --- the checksum list: bytes that still decode, but to other pixels -------------------------------------------------
+
+
+def _rot_one_bit(path: Path) -> None:
+    """Flip one bit in the middle of a JPEG's scan data: it still decodes, to other pixels (bit rot)."""
+    raw = bytearray(path.read_bytes())
+    start = raw.find(b"\xff\xda")
+    raw[start + (len(raw) - start) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def test_a_recorded_checksum_list_catches_bit_rot_that_decodes_without_an_error(tmp_path: Path, capsys):
+    root = write_cifar_imagefolder(tmp_path / "cifar10", 3, 2)
+    assert cli.main(["data", "--check", "--record", "--dataset", "cifar10", "--data-dir", str(root)]) == 0
+    assert f"recorded {root / CHECKSUMS}" in capsys.readouterr().out
+    listed = (root / CHECKSUMS).read_text().splitlines()
+    images = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+    assert [line.split("  ", 1)[1] for line in listed] == images  # sha256sum's format, every image
+    assert listed[0].split("  ")[0] == hashlib.sha256((root / images[0]).read_bytes()).hexdigest()
+    rotten = root / "test/bird/0001.jpg"
+    before = read_image(rotten, gray=False)
+    _rot_one_bit(rotten)
+    assert np.abs(read_image(rotten, gray=False).astype(int) - before).mean() > 1  # decodes, to other pixels
+
+    check = check_images("cifar10", root)
+    assert [f for f, _ in check.bad] == ["test/bird/0001.jpg"] and "differ from SHA256SUMS" in check.bad[0][1]
+    assert check.checksums == f"{len(images)} files of SHA256SUMS"
+    # a run reads the rotten image: refused before any compute, naming it; a run that does not read it goes on
+    with pytest.raises(DataError, match=rf"1 image\(s\) of the cifar10 test split do not match .*SHA256SUMS: "
+                                        rf"{re.escape(str(rotten))}: its bytes differ"):
+        load_dataset("cifar10", root)
+    assert load_dataset("cifar10", root, decode=False).test.files  # listing alone reads no image bytes
+    assert cli.main(["data", "--check", "--dataset", "cifar10", "--data-dir", str(root)]) == 1
+    assert f"bad  test/bird/0001.jpg  its bytes differ from SHA256SUMS" in capsys.readouterr().out
+
+
+def test_the_checksum_list_names_an_image_added_or_gone_and_a_malformed_line(tmp_path: Path, capsys):
+    root = write_cifar_imagefolder(tmp_path / "cifar10", 3, 2)
+    check_and_record = ["data", "--check", "--record", "--dataset", "cifar10", "--data-dir", str(root)]
+    assert cli.main(check_and_record) == 0
+    shutil.copy(root / "train/cat/0000.jpg", root / "train/cat/0099.jpg")  # added after the list
+    (root / "test/ship/0000.jpg").unlink()  # gone
+    bad = dict(check_images("cifar10", root).bad)
+    assert set(bad) == {"train/cat/0099.jpg", "test/ship/0000.jpg"}
+    assert "not in SHA256SUMS" in bad["train/cat/0099.jpg"] and "cannot be read" in bad["test/ship/0000.jpg"]
+    with pytest.raises(DataError, match=r"train/cat/0099.jpg: not in SHA256SUMS"):
+        load_dataset("cifar10", root)
+    capsys.readouterr()
+    (root / "train/truck/0000.jpg").write_text("not a JPEG")  # a bad file: the list is not written over it
+    assert cli.main(check_and_record) == 2
+    assert "not recording" in capsys.readouterr().err
+    (root / "train/truck/0000.jpg").unlink()
+    assert cli.main(check_and_record) == 0 and check_images("cifar10", root).bad == []  # recorded anew
+    (root / CHECKSUMS).write_text((root / CHECKSUMS).read_text() + "d41d8cd9  train/cat/0000.jpg\n")
+    with pytest.raises(DataError, match=r"SHA256SUMS, line \d+: .* is not '<64 hex digits>  <file>'"):
+        load_dataset("cifar10", root)
+    assert cli.main(["data", "--record", "--dataset", "cifar10", "--data-dir", str(root)]) == 2
+    assert "add --check" in capsys.readouterr().err
+
+
+def test_a_recorded_label_csv_that_changed_is_refused(tmp_path: Path, capsys):
+    root = _small_microsoft(tmp_path)
+    assert cli.main(["data", "--check", "--record", "--dataset", "ferplus", "--data-dir", str(root)]) == 0
+    labels = root / "FER2013Test" / "label.csv"
+    assert f"  FER2013Test/label.csv" in (root / CHECKSUMS).read_text()
+    labels.write_text(labels.read_text().replace(",8,", ",7,", 1))  # one vote less: still a valid row
+    with pytest.raises(DataError, match=rf"{re.escape(str(labels))}: its bytes differ from SHA256SUMS"):
+        load_dataset("ferplus", root)
+
+
+def test_no_checksum_list_for_torchvisions_pickles(tmp_path: Path, fake_torchvision_cifar: None, capsys):
+    write_cifar_pickles(tmp_path / "cifar")
+    assert cli.main(["data", "--check", "--record", "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar")]) == 2
+    assert "torchvision checks itself" in capsys.readouterr().err and not (tmp_path / "cifar" / CHECKSUMS).exists()
 
 
 # --- the same image twice: in one label.csv, or in two splits ------------------------------------------------------

@@ -44,15 +44,22 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from . import data
 
+    if args.record and not args.check:
+        raise data.DataError("--record writes the checksum list after a check: add --check")
     if args.check:  # decode every image; list each bad one; exit 1 if any is bad
-        check = data.check_images(args.dataset, args.data_dir, label_rule=args.label_rule, download=args.download)
+        check = data.check_images(args.dataset, args.data_dir, label_rule=args.label_rule, download=args.download,
+                                  checksums=not args.record)  # --record vouches for the files anew
+        recorded = data.record_dataset_checksums(check) if args.record and not check.bad else None
         if args.json:
             print(json.dumps({
                 "dataset": check.name, "data_dir": check.data_dir, "layout": check.layout,
                 "label_rule": check.label_rule, "images": check.n_images,
                 "bad": [{"file": f, "reason": r} for f, r in check.bad],
                 "duplicates_across_splits": check.across_splits, "duplicate_groups": len(check.duplicates),
+                "checksums": check.checksums, "recorded": str(recorded) if recorded else None,
             }, indent=2))
+            if args.record and check.bad:
+                data.record_dataset_checksums(check)  # refuses, naming the bad files' count
             return 1 if check.bad else 0
         for file, reason in check.bad:
             print(f"bad  {file}  {reason}")
@@ -65,6 +72,16 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"checked {check.n_images:,} images of {check.name} in {check.data_dir} ({check.layout} layout{rule}): "
               f"{len(check.bad):,} bad; {len(check.duplicates):,} groups of identical images, "
               f"{len(check.across_splits):,} of them across splits")
+        if check.checksums != "none":
+            print(f"bytes checked against {check.checksums}")
+        elif check.layout != "torchvision" and not args.record:
+            print(f"no checksum list ({data.CHECKSUMS}): a JPEG or PNG whose bytes rot later may decode to other "
+                  f"pixels without an error; add --record to write one, so later checks and runs catch it")
+        if args.record and check.bad:
+            data.record_dataset_checksums(check)  # refuses, naming the bad files' count
+        if recorded:
+            print(f"recorded {recorded} (any earlier list replaced): every run of this folder now checks the bytes of "
+                  f"the images it reads")
         return 1 if check.bad else 0
     ds = data.load_dataset(args.dataset, args.data_dir, label_rule=args.label_rule, val_source=args.val_source,
                            download=args.download, decode=False)
@@ -234,6 +251,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="decode every image of every split instead; list each bad file (path and reason) and "
                         "images with identical pixels in two splits; exit 1 if any file is bad")
+    p.add_argument("--record", action="store_true",
+                   help="with --check, when nothing is bad: write SHA256SUMS (sha256sum's format) into the "
+                        "dataset folder, replacing any earlier list; later checks and every run then check each "
+                        "image's bytes against it, which catches the bit rot that decodes to other pixels without "
+                        "an error")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_data)
 

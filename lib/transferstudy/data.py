@@ -42,6 +42,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm  # plain bars: notebooks run under papermill, where widgets cannot render
 
+from .results import atomic_write_bytes, file_digest
+
 DATASETS = ("cifar10", "ferplus")
 CLASSES: dict[str, tuple[str, ...]] = {
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
@@ -71,6 +73,12 @@ _FERPLUS_FOLDER_ALIASES = {
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _VOTE_COUNT = re.compile("[0-9]+")
 _PROGRESS_MIN_IMAGES = 2000
+# A dataset folder's checksum list, in sha256sum's format (so `sha256sum -c SHA256SUMS` reads it too), written by
+# `transferstudy data --check --record`. JPEG and PNG decode damaged bytes to other pixels without an error more
+# often than not; with the list there, every image a run reads (and every image --check decodes) is checked
+# against it first.
+CHECKSUMS = "SHA256SUMS"
+_CHECKSUM_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")
 _DECODE_CHUNK = 512
 
 
@@ -196,7 +204,10 @@ def load_dataset(
             chosen[split] = idx[sub]
 
     gray = name == "ferplus"
-    splits = {s: _make_split(root, source[s], chosen[s], gray, decode, f"{name} {s}") for s in chosen}
+    sums = read_checksums(root) if decode else None
+    if sums is not None and (bad := verify_checksums(root, [f for f in sums if f.endswith("label.csv")], sums)):
+        raise DataError(f"{root / bad[0][0]}: {bad[0][1]}; restore it from the dataset's archive")
+    splits = {s: _make_split(root, source[s], chosen[s], gray, decode, f"{name} {s}", sums) for s in chosen}
     digest = hashlib.sha256(json.dumps({s: splits[s].files for s in splits}).encode()).hexdigest()[:16]
     return DatasetSplits(
         name=name,
@@ -242,7 +253,8 @@ class ImageCheck:
     """What ``check_images`` found in one dataset copy.
 
     ``bad``: (file relative to data_dir, reason) for each image that will not decode or whose size
-    differs from the rest of its split. ``duplicates``: groups (>= 2 files) of images with identical
+    differs from the rest of its split, and, where the folder has a checksum list (``SHA256SUMS``), each listed
+    file whose bytes differ from it or that is gone, and each image not in it. ``duplicates``: groups (>= 2 files) of images with identical
     decoded pixels; ``across_splits`` are the groups whose files lie in more than one source split.
     """
 
@@ -254,10 +266,12 @@ class ImageCheck:
     bad: list[tuple[str, str]]
     duplicates: list[list[str]]
     across_splits: list[list[str]]
+    checksums: str = "none"  # what the bytes were checked against: "none", or "<n> files of SHA256SUMS"
 
 
 def check_images(
-    name: str, data_dir: str | Path, *, label_rule: str | None = None, download: bool = False
+    name: str, data_dir: str | Path, *, label_rule: str | None = None, download: bool = False,
+    checksums: bool = True,
 ) -> ImageCheck:
     """Decode every listed image of every source split through ``read_image`` (with a progress bar).
 
@@ -265,6 +279,7 @@ def check_images(
     ``label_rule`` picking the label.csv rows; FERPlus's FER2013Valid is checked even though
     ``val_source="split"`` leaves it unused. torchvision's pickled CIFAR-10 is already pixels: only
     its sizes and duplicates are checked. Nothing is raised for a bad image: each one is listed.
+    ``checksums=False`` leaves the folder's checksum list unread (``--record`` replaces it).
 
     Duplicates are reported, not refused: FER2013 itself holds identical faces across its official
     splits, and refusing them would refuse the benchmark the study compares with.
@@ -316,13 +331,33 @@ def check_images(
                     "resize or remove this image"
                 )))
     order = {pools[split].files[i]: k for k, (split, i) in enumerate(items)}
-    bad.sort(key=lambda b: order[b[0]])
+    sums = read_checksums(root) if checksums and all(pool.pixels is None for pool in pools.values()) else None
+    if sums is not None:  # every listed file, and every image of the listing
+        bad += verify_checksums(root, [f for f in order if f not in sums], sums)
+        bad += verify_checksums(root, list(sums), sums)
+    bad.sort(key=lambda b: order.get(b[0], len(order)))
     duplicates = [[f for _, f in g] for g in groups.values() if len(g) > 1]
     across = [[f for _, f in g] for g in groups.values() if len({s for s, _ in g}) > 1]
     return ImageCheck(
         name=name, data_dir=str(root), layout=layout, label_rule=rule, n_images=len(items),
         bad=bad, duplicates=duplicates, across_splits=across,
+        checksums="none" if sums is None else f"{len(sums):,} files of {CHECKSUMS}",
     )
+
+
+def record_dataset_checksums(check: ImageCheck) -> Path:
+    """After a ``check_images`` that found nothing bad, write ``SHA256SUMS`` for every image file under the
+    dataset folder and every label.csv (whatever the label rule lists), so later checks and runs see bit rot."""
+    root = Path(check.data_dir)
+    if check.bad:
+        raise DataError(f"not recording {root / CHECKSUMS}: {len(check.bad)} file(s) of {root} are bad (listed "
+                        f"above); restore them first, so the list vouches only for sound files")
+    if check.layout == "torchvision":
+        raise DataError(f"{root} holds torchvision's pickled CIFAR-10, whose files torchvision checks itself (MD5); "
+                        f"a checksum list is for image folders")
+    files = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()
+             and (p.suffix.lower() in _IMAGE_EXTENSIONS or p.name == "label.csv")]
+    return record_checksums(root, files)
 
 
 def summarize(ds: DatasetSplits) -> dict:
@@ -571,13 +606,20 @@ def _refuse_names_in_two_folders(base: Path, listed: dict[str, dict[str, int]]) 
                 )
 
 
-def _make_split(root: Path, pool: _Pool, idx: np.ndarray, gray: bool, decode: bool, desc: str) -> Split:
+def _make_split(root: Path, pool: _Pool, idx: np.ndarray, gray: bool, decode: bool, desc: str,
+                sums: dict[str, str] | None = None) -> Split:
     files = [pool.files[i] for i in idx]
     images = None
     if decode:
         if pool.pixels is not None:
             images = torch.from_numpy(np.ascontiguousarray(pool.pixels[idx].transpose(0, 3, 1, 2)))
         else:
+            if sums is not None and (bad := verify_checksums(root, files, sums)):
+                shown = "; ".join(f"{root / f}: {why}" for f, why in bad[:5])
+                more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+                raise DataError(f"{len(bad)} image(s) of the {desc} split do not match {root / CHECKSUMS}: {shown}"
+                                f"{more}; restore them from the dataset's archive (`transferstudy data --check` "
+                                f"lists every one)")
             images = _decode_files(root, files, gray, desc)
     return Split(
         images=images,
@@ -585,6 +627,50 @@ def _make_split(root: Path, pool: _Pool, idx: np.ndarray, gray: bool, decode: bo
         soft=torch.from_numpy(pool.soft[idx].copy()) if pool.soft is not None else None,
         files=files,
     )
+
+
+def read_checksums(root: Path) -> dict[str, str] | None:
+    """``root/SHA256SUMS`` as {file relative to root: sha256}, or None when there is none; a malformed line is a
+    DataError naming the file and the line."""
+    path = Path(root) / CHECKSUMS
+    if not path.is_file():
+        return None
+    sums = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        match = _CHECKSUM_LINE.fullmatch(line)
+        if match is None:
+            raise DataError(f"{path}, line {n}: {line[:80]!r} is not '<64 hex digits>  <file>' (sha256sum's "
+                            f"format); write the list again with `transferstudy data --check --record`")
+        sums[match[2]] = match[1]
+    return sums
+
+
+def verify_checksums(root: Path, files: list[str], sums: dict[str, str]) -> list[tuple[str, str]]:
+    """(file, reason) for each of ``files`` (relative to ``root``) that the checksum list does not vouch for."""
+    bad = []
+    for file in files:
+        if file not in sums:
+            bad.append((file, f"not in {CHECKSUMS} (added after the list was recorded?); check it and record the "
+                              f"list again with `transferstudy data --check --record`"))
+            continue
+        try:
+            digest = file_digest(root / file)
+        except OSError as exc:
+            bad.append((file, f"cannot be read ({exc})"))
+            continue
+        if digest != sums[file]:
+            bad.append((file, f"its bytes differ from {CHECKSUMS} (altered since the list was recorded: bit rot or an "
+                              f"edit); JPEG and PNG often decode such bytes to other pixels without an error"))
+    return bad
+
+
+def record_checksums(root: Path, files: list[str]) -> Path:
+    """Write ``root/SHA256SUMS`` for ``files`` (relative to ``root``), atomically."""
+    text = "".join(f"{file_digest(root / f)}  {f}\n" for f in sorted(files))
+    atomic_write_bytes(Path(root) / CHECKSUMS, text.encode())
+    return Path(root) / CHECKSUMS
 
 
 # Modes decoded as they are or through PIL's own colour conversion (1 becomes 0/255, P its palette colours).
