@@ -104,7 +104,9 @@ JUDGEMENTS: dict[str, tuple[str, str]] = {
                                            "difference, but the refusal is plain"),
     "r_corrupt_image": ("clear", "names the file; 're-extract the dataset' is the data loader's hint, odd for predict"),
     "d_flipped_bytes_jpeg": ("silent-wrong", "decodes to other pixels without an error (libjpeg's 'corrupt data' "
-                                             "warning is not surfaced); catching it needs a checksum list of the data"),
+                                             "warning is not surfaced); without a recorded checksum list nothing "
+                                             "can tell (--check now says so and offers --record): see "
+                                             "d_flipped_bytes_recorded and d_flipped_bytes_in_run"),
 }
 
 
@@ -946,13 +948,16 @@ def _html_as_jpg(root: Path) -> Path:
     return f
 
 
-def _flipped_jpeg(root: Path) -> Path:
-    f = root / "train/bird/0004.jpg"
+def _flip_scan_bytes(f: Path) -> Path:
     data = bytearray(f.read_bytes())
-    for off in range(len(data) // 2, len(data) // 2 + 40, 4):  # bytes in the middle of the scan data
+    for off in range(len(data) // 2, len(data) // 2 + 40, 4):  # 10 bytes in the middle of the scan data
         data[off] ^= 0xFF
     rewrite(f, bytes(data))
     return f
+
+
+def _flipped_jpeg(root: Path) -> Path:
+    return _flip_scan_bytes(root / "train/bird/0004.jpg")
 
 
 def _bigger_image(root: Path) -> Path:
@@ -983,6 +988,41 @@ _bad_file("d_size_mismatch", "one 64x64 image among the 32x32 ones (train/horse/
           _bigger_image, ["64x64"])
 _bad_file("d_float_tiff", "FERPlus: a 32-bit float TIFF (values 0..1) listed in label.csv, data --check",
           _float_tiff, ["float"], dataset="ferplus")
+
+
+@case("d_flipped_bytes_recorded", "data",
+      "data --check --record, then 10 bytes of a JPEG's scan data flipped (bit rot), then data --check", "refuse",
+      ["SHA256SUMS"])
+def _(lab: Lab) -> Proc:
+    root = lab.data_copy("flipped_recorded", "cifar10")
+    recorded = check_cmd(lab, "cifar10", root, "--record")
+    if recorded.rc != 0 or not (root / "SHA256SUMS").is_file():
+        recorded.status, recorded.note = "wrong", "--record did not write SHA256SUMS"
+        return recorded
+    bad = _flipped_jpeg(root)
+    p = check_cmd(lab, "cifar10", root)
+    p.note = f"damaged after the list was recorded: {bad.relative_to(root)}"
+    p.need = (bad.name,)
+    return p
+
+
+@case("d_flipped_bytes_in_run", "data",
+      "transferstudy run (frozen SVM) on data with a recorded SHA256SUMS where one test image then rots (flipped "
+      "bytes that still decode)", "refuse", ["SHA256SUMS"])
+def _(lab: Lab) -> Proc:
+    root = lab.data_copy("flipped_in_run", "cifar10")
+    check_cmd(lab, "cifar10", root, "--record")
+    import numpy as np_
+
+    files = np_.load(lab.base / "smoke/cifar10/alexnet/full/predictions.npz")["files"]
+    _flip_scan_bytes(root / str(files[0]))
+    p = lab.run(lab.out / "runs_flipped", "--profile", "smoke", "--only", "cifar10/alexnet/frozen_svm",
+                "-p", "pretrained", "false", data=root.parent)
+    p.note = f"rotted after recording: {files[0]}"
+    p.need = (str(files[0]),)
+    if finished(lab.out / "runs_flipped/smoke/cifar10/alexnet/frozen_svm"):
+        p.status = "wrong"
+    return p
 
 
 @case("d_corrupt_in_run", "data",
