@@ -13,6 +13,7 @@ from torch import nn
 
 from transferstudy import bench, config, features, figures, models, regimes, reuse
 from transferstudy.models import BACKBONES, Backbone, Embedding, WeightSource, build_model, embed, extractor, head
+from transferstudy.report import store as report_store
 
 RECORDS = pytest.mark.parametrize("record", list(BACKBONES.values()), ids=list(BACKBONES))
 
@@ -149,6 +150,7 @@ def test_the_librarys_tables_are_views_of_the_records() -> None:
     assert models.EMBEDDING_DIMS == {(n, k): d for n, b in BACKBONES.items() for k, d in b.dims.items()}
     assert models.DEFAULT_EMBEDDING == {n: b.default_embedding for n, b in BACKBONES.items()}
     assert figures.MODEL_COLOURS == {n: b.colour for n, b in BACKBONES.items()}  # figures imports no torch either
+    assert report_store.MODEL_LABELS == {n: b.label for n, b in BACKBONES.items()}  # nor does the results store
     assert bench.LARGEST_LAYER == {n: b.largest_layer for n, b in BACKBONES.items()}
     assert all(models.channels_last(n) == b.channels_last for n, b in BACKBONES.items())
     assert all(name == b.name for name, b in BACKBONES.items())

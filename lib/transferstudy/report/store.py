@@ -24,6 +24,7 @@ import pandas as pd
 from .. import config, results
 
 DATASET_LABELS = {"cifar10": "CIFAR-10", "ferplus": "FERPlus"}
+# models.BACKBONES[name].label, kept here because the store imports no torch (tests/test_backbones.py checks it)
 MODEL_LABELS = {"alexnet": "AlexNet", "deit_base": "DeiT-Base"}
 REGIME_LABELS = {"frozen_svm": "Frozen features → SVM", "linear_probe": "Linear probe",
                  "partial": "Partial fine-tune", "full": "Full fine-tune",
