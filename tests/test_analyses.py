@@ -207,10 +207,10 @@ def test_a_restarted_data_scarcity_run_does_not_train_a_finished_subset_again(ci
     assert np.array_equal(again.subset_result("n4", lambda: train_and_score(again, np.arange(4))), predicted)
     again.subset_result("n6", lambda: train_and_score(again, np.arange(6)))
     assert trained == [4, 6]
-    # another setting is another training; the finished run keeps nothing
+    # another setting is another training (its own key, so nothing kept is read for it); finish keeps nothing
     other = start("data_scarcity", cifar_dir, tmp_path, batch_size=2).as_regime("full")
-    other.subset_result("n4", lambda: train_and_score(other, np.arange(4)))
-    assert trained == [4, 6, 4]
+    assert other.train_state("n4").load_result(print) is None
+    assert other.train_state("n4").key != again.train_state("n4").key
     again.finish(trainable=0, total=1)
     assert not list((tmp_path / "cache" / "resume").glob("*.done.*.json"))
 
