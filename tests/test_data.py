@@ -877,7 +877,7 @@ def test_a_recorded_checksum_list_catches_bit_rot_that_decodes_without_an_error(
         load_dataset("cifar10", root)
     assert load_dataset("cifar10", root, decode=False).test.files  # listing alone reads no image bytes
     assert cli.main(["data", "--check", "--dataset", "cifar10", "--data-dir", str(root)]) == 1
-    assert f"bad  test/bird/0001.jpg  its bytes differ from SHA256SUMS" in capsys.readouterr().out
+    assert "bad  test/bird/0001.jpg  its bytes differ from SHA256SUMS" in capsys.readouterr().out
 
 
 def test_the_checksum_list_names_an_image_added_or_gone_and_a_malformed_line(tmp_path: Path, capsys):
@@ -908,7 +908,7 @@ def test_a_recorded_label_csv_that_changed_is_refused(tmp_path: Path, capsys):
     root = _small_microsoft(tmp_path)
     assert cli.main(["data", "--check", "--record", "--dataset", "ferplus", "--data-dir", str(root)]) == 0
     labels = root / "FER2013Test" / "label.csv"
-    assert f"  FER2013Test/label.csv" in (root / CHECKSUMS).read_text()
+    assert "  FER2013Test/label.csv" in (root / CHECKSUMS).read_text()
     labels.write_text(labels.read_text().replace(",8,", ",7,", 1))  # one vote less: still a valid row
     with pytest.raises(DataError, match=rf"{re.escape(str(labels))}: its bytes differ from SHA256SUMS"):
         load_dataset("ferplus", root)

@@ -253,9 +253,10 @@ class ImageCheck:
     """What ``check_images`` found in one dataset copy.
 
     ``bad``: (file relative to data_dir, reason) for each image that will not decode or whose size
-    differs from the rest of its split, and, where the folder has a checksum list (``SHA256SUMS``), each listed
-    file whose bytes differ from it or that is gone, and each image not in it. ``duplicates``: groups (>= 2 files) of images with identical
-    decoded pixels; ``across_splits`` are the groups whose files lie in more than one source split.
+    differs from the rest of its split, and, where the folder has a checksum list (``SHA256SUMS``), each
+    listed file whose bytes differ from it or that is gone, and each image not in it. ``duplicates``: groups
+    (>= 2 files) of images with identical decoded pixels; ``across_splits`` are the groups whose files lie in
+    more than one source split.
     """
 
     name: str

@@ -12,8 +12,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
