@@ -94,6 +94,10 @@ def test_run_folder_holds_every_record(smoke_runs):
     errors = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
+    # the page a reader sees has no warning about Jupyter widgets (timm's import of tqdm.auto, hidden by the library)
+    for page in sorted((smoke_runs / "smoke").glob("*/*/*/notebook.ipynb")):
+        said = [o.get("text", "") for c in json.loads(page.read_text())["cells"] for o in c.get("outputs", [])]
+        assert not [t for t in said if "IProgress not found" in t], page
 
 
 def test_the_feature_reuse_run_keeps_every_measure_of_every_layer(smoke_runs):
