@@ -1006,42 +1006,42 @@ def _(lab: Lab) -> Proc:
     return p
 
 
+def _damaged_test_image_in_run(lab: Lab, name: str, damage: Callable[[Path], Any], what: str,
+                               record: bool = False) -> Proc:
+    """The smoke frozen SVM run on a copy of the data whose first selected test image ``damage`` changed."""
+    root = lab.data_copy(name, "cifar10")
+    if record:
+        check_cmd(lab, "cifar10", root, "--record")
+    import numpy as np_
+
+    files = np_.load(lab.base / "smoke/cifar10/alexnet/full/predictions.npz")["files"]
+    damage(root / str(files[0]))
+    runs = lab.out / f"runs_{name}"
+    p = lab.run(runs, "--profile", "smoke", "--only", "cifar10/alexnet/frozen_svm", "-p", "pretrained", "false",
+                data=root.parent)
+    p.note = f"{what}: {files[0]}"
+    p.need = (str(files[0]),)
+    if finished(runs / "smoke/cifar10/alexnet/frozen_svm"):
+        p.status = "wrong"
+    return p
+
+
+def _cut_in_half(f: Path) -> None:
+    rewrite(f, f.read_bytes()[: f.stat().st_size // 2])
+
+
 @case("d_flipped_bytes_in_run", "data",
       "transferstudy run (frozen SVM) on data with a recorded SHA256SUMS where one test image then rots (flipped "
       "bytes that still decode)", "refuse", ["SHA256SUMS"])
 def _(lab: Lab) -> Proc:
-    root = lab.data_copy("flipped_in_run", "cifar10")
-    check_cmd(lab, "cifar10", root, "--record")
-    import numpy as np_
-
-    files = np_.load(lab.base / "smoke/cifar10/alexnet/full/predictions.npz")["files"]
-    _flip_scan_bytes(root / str(files[0]))
-    p = lab.run(lab.out / "runs_flipped", "--profile", "smoke", "--only", "cifar10/alexnet/frozen_svm",
-                "-p", "pretrained", "false", data=root.parent)
-    p.note = f"rotted after recording: {files[0]}"
-    p.need = (str(files[0]),)
-    if finished(lab.out / "runs_flipped/smoke/cifar10/alexnet/frozen_svm"):
-        p.status = "wrong"
-    return p
+    return _damaged_test_image_in_run(lab, "flipped_in_run", _flip_scan_bytes, "rotted after recording", record=True)
 
 
 @case("d_corrupt_in_run", "data",
       "transferstudy run (frozen SVM) on data where one selected test image is cut in half", "refuse",
       ["cannot decode"])
 def _(lab: Lab) -> Proc:
-    root = lab.data_copy("corrupt_in_run", "cifar10")
-    import numpy as np_
-
-    files = np_.load(lab.base / "smoke/cifar10/alexnet/full/predictions.npz")["files"]
-    target = root / str(files[0])
-    rewrite(target, target.read_bytes()[: target.stat().st_size // 2])
-    p = lab.run(lab.out / "runs_corrupt", "--profile", "smoke", "--only", "cifar10/alexnet/frozen_svm",
-                "-p", "pretrained", "false", data=root.parent)
-    p.note = f"cut in half: {files[0]}"
-    p.need = (str(files[0]),)
-    if finished(lab.out / "runs_corrupt/smoke/cifar10/alexnet/frozen_svm"):
-        p.status = "wrong"
-    return p
+    return _damaged_test_image_in_run(lab, "corrupt_in_run", _cut_in_half, "cut in half")
 
 
 @case("d_nonimage_files", "data",
