@@ -41,6 +41,31 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_check(check: Any, record: bool, recorded: Path | None) -> None:
+    """``data --check``'s text report: each bad file, the groups across splits, the summary, the checksum list."""
+    from . import data
+
+    for file, reason in check.bad:
+        print(f"bad  {file}  {reason}")
+    shown = 10
+    for group in check.across_splits[:shown]:
+        print(f"same pixels in two splits  {'  '.join(group)}")
+    if len(check.across_splits) > shown:
+        print(f"... and {len(check.across_splits) - shown} more groups across splits (--json lists them all)")
+    rule = f", label rule {check.label_rule}" if check.label_rule else ""
+    print(f"checked {check.n_images:,} images of {check.name} in {check.data_dir} ({check.layout} layout{rule}): "
+          f"{len(check.bad):,} bad; {len(check.duplicates):,} groups of identical images, "
+          f"{len(check.across_splits):,} of them across splits")
+    if check.checksums != "none":
+        print(f"bytes checked against {check.checksums}")
+    elif check.layout != "torchvision" and not record:
+        print(f"no checksum list ({data.CHECKSUMS}): a JPEG or PNG whose bytes rot later may decode to other "
+              f"pixels without an error; add --record to write one, so later checks and runs catch it")
+    if recorded:
+        print(f"recorded {recorded} (any earlier list replaced): every run of this folder now checks the bytes of "
+              f"the images it reads")
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from . import data
 
@@ -58,30 +83,10 @@ def cmd_data(args: argparse.Namespace) -> int:
                 "duplicates_across_splits": check.across_splits, "duplicate_groups": len(check.duplicates),
                 "checksums": check.checksums, "recorded": str(recorded) if recorded else None,
             }, indent=2))
-            if args.record and check.bad:
-                data.record_dataset_checksums(check)  # refuses, naming the bad files' count
-            return 1 if check.bad else 0
-        for file, reason in check.bad:
-            print(f"bad  {file}  {reason}")
-        shown = 10
-        for group in check.across_splits[:shown]:
-            print(f"same pixels in two splits  {'  '.join(group)}")
-        if len(check.across_splits) > shown:
-            print(f"... and {len(check.across_splits) - shown} more groups across splits (--json lists them all)")
-        rule = f", label rule {check.label_rule}" if check.label_rule else ""
-        print(f"checked {check.n_images:,} images of {check.name} in {check.data_dir} ({check.layout} layout{rule}): "
-              f"{len(check.bad):,} bad; {len(check.duplicates):,} groups of identical images, "
-              f"{len(check.across_splits):,} of them across splits")
-        if check.checksums != "none":
-            print(f"bytes checked against {check.checksums}")
-        elif check.layout != "torchvision" and not args.record:
-            print(f"no checksum list ({data.CHECKSUMS}): a JPEG or PNG whose bytes rot later may decode to other "
-                  f"pixels without an error; add --record to write one, so later checks and runs catch it")
+        else:
+            _print_check(check, args.record, recorded)
         if args.record and check.bad:
-            data.record_dataset_checksums(check)  # refuses, naming the bad files' count
-        if recorded:
-            print(f"recorded {recorded} (any earlier list replaced): every run of this folder now checks the bytes of "
-                  f"the images it reads")
+            data.record_dataset_checksums(check)  # refuses, naming the bad files' count (listed above)
         return 1 if check.bad else 0
     ds = data.load_dataset(args.dataset, args.data_dir, label_rule=args.label_rule, val_source=args.val_source,
                            download=args.download, decode=False)
