@@ -22,9 +22,11 @@ from transferstudy.report.store import Store, StoreError
 
 def test_the_analyses_are_runs_of_the_matrix_after_the_regimes():
     keys = [s.key for s in runner.matrix("cifar10/alexnet/*")]
-    assert keys == [f"cifar10/alexnet/{r}" for r in (*config.NOTEBOOK_REGIMES, "feature_reuse", "data_scarcity")]
+    assert keys == [f"cifar10/alexnet/{r}" for r in (*config.NOTEBOOK_REGIMES, "feature_reuse", "data_scarcity",
+                                                     "stats_transfer")]
     assert runner.sources(runner.RunSpec("cifar10", "alexnet", "feature_reuse"), {}) == {
         "partial_dir": "partial", "full_dir": "full"}
+    assert runner.sources(runner.RunSpec("cifar10", "alexnet", "stats_transfer"), {}) == {"full_dir": "full"}
 
 
 @pytest.mark.parametrize(("value", "why"), [
@@ -215,6 +217,34 @@ def test_a_restarted_data_scarcity_run_does_not_train_a_finished_subset_again(ci
     assert not list((tmp_path / "cache" / "resume").glob("*.done.*.json"))
 
 
+def test_statistics_transfer_trains_as_the_full_fine_tune_did_or_is_refused_before_training(cifar_dir, tmp_path):
+    tuning = start("stats_transfer", cifar_dir, tmp_path).as_regime("full", {"init": "stats"})
+    assert tuning.cfg == config.resolve("full", "alexnet", "cifar10", "smoke",
+                                        {"pretrained": False, "n_train": 8, "n_val": 4, "n_test": 6, "init": "stats"})
+    assert config.start_weights(tuning.cfg) == "stats" and tuning.owner == "stats_transfer"
+    full = tmp_path / "runs" / "full"
+
+    def finished(meta: dict | None = None, **changed) -> None:  # the full fine-tune's record, as its run writes it
+        results.write_json(full / "params.json", {**tuning.cfg, "init": "imagenet", "data_dir": str(cifar_dir),
+                                                  "output_dir": str(full), **changed})
+        results.write_json(full / "meta.json", meta or {"status": "ok", "split_hash": tuning.data.split_hash,
+                                                        "init": "random"})
+
+    finished()
+    shared = tuning.trained_as(full)
+    assert "init" not in shared and shared["lr_backbone"] == tuning.cfg["lr_backbone"] == 0.01
+    finished(lr_backbone=0.5)
+    with pytest.raises(ValueError, match=r"is a run with lr_backbone 0.5 but this run has lr_backbone 0.01; this "
+                                         r"stats_transfer run must train as it did"):
+        tuning.trained_as(full)
+    finished({"status": "ok", "split_hash": "0" * 16})
+    with pytest.raises(ValueError, match="split_hash '0000000000000000' but this run has split_hash"):
+        tuning.trained_as(full)
+    finished({"status": "failed", "error": "RuntimeError: boom"})
+    with pytest.raises(ValueError, match=r"last run did not finish \(RuntimeError: boom\); rerun it first"):
+        tuning.trained_as(full)
+
+
 # --- the results store ---------------------------------------------------------------------------------
 
 
@@ -236,7 +266,7 @@ def test_the_store_reads_the_analysis_runs_beside_the_regimes(tmp_path):
     write_analysis(profile_dir, "cifar10", "alexnet", "feature_reuse", REUSE)
     write_analysis(profile_dir, "ferplus", "deit_base", "feature_reuse", REUSE.assign(value=[0.8, 0.1]))
     store = Store.load(profile_dir, tmp_path)
-    assert len(store.runs) == 20 and len(store.analyses) == 8
+    assert len(store.runs) == 20 and len(store.analyses) == 12
     assert store.analysis("cifar10", "alexnet", "feature_reuse").ok
     assert store.analysis("cifar10", "deit_base", "feature_reuse").status == "missing"
     assert store.analysis("cifar10", "alexnet", "feature_reuse").title == "Feature reuse: AlexNet on CIFAR-10"

@@ -513,3 +513,22 @@ def test_scarcity_figure_has_log_fractions_a_line_per_regime_and_hollow_single_d
     assert list(analyses.regime_labels(["full", "frozen_svm"])) == ["frozen_svm", "full"]
     with pytest.raises(ValueError, match="no_data"):
         figures.scarcity_curves(curves.iloc[:0], report.DATASET_LABELS, report.MODEL_LABELS, {}, "t")
+
+
+def test_weight_vs_statistics_figure_draws_both_starts_of_each_model_with_intervals_and_the_share():
+    row = {"dataset": "cifar10", "wt": 0.8, "wt_low": 0.75, "wt_high": 0.85, "st": 0.4, "st_low": 0.35,
+           "st_high": 0.45, "share": 0.5}
+    data = pd.DataFrame([{**row, "model": "alexnet"}, {**row, "model": "deit_base", "st": 0.2, "st_low": 0.15, "st_high": 0.25,
+                                                     "share": 0.75}],
+                        columns=tables.TRANSFER_COLUMNS)
+    fig = figures.weight_vs_statistics(data, report.DATASET_LABELS, report.MODEL_LABELS, "t")
+    cifar, fer = fig.axes
+    assert [t.get_text() for t in cifar.get_xticklabels()] == ["AlexNet\n(WT − ST)/WT = 0.50",
+                                                                "DeiT-Base\n(WT − ST)/WT = 0.75"]
+    points = [line for line in cifar.lines if line.get_marker() == "o"]
+    assert [tuple(line.get_ydata()) for line in points] == [(80.0,), (40.0,), (80.0,), (20.0,)]
+    assert [line.get_markerfacecolor() for line in points[1::2]] == ["white", "white"]  # statistics transfer: hollow
+    assert fer.get_title() == "FERPlus: no finished pair" and not fer.lines
+    check_figure(fig)
+    with pytest.raises(ValueError, match="no_data"):
+        figures.weight_vs_statistics(data.iloc[:0], report.DATASET_LABELS, report.MODEL_LABELS, "t")

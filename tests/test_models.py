@@ -298,9 +298,19 @@ def test_random_init_is_the_architectures_own_and_ignores_pretrained(alexnet_fil
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_statistics_transfer_needs_source_weights_and_init_is_checked() -> None:
-    with pytest.raises(ValueError, match="init='stats' draws from the ImageNet tensors' statistics"):
-        build_model("alexnet", 10, pretrained=False, init="stats")
+def test_statistics_transfer_without_imagenet_weights_draws_from_the_random_initialisations_statistics(
+        alexnet_file) -> None:
+    torch.manual_seed(7)  # the session seeds the same generator before either start
+    source = build_model("alexnet", 10, pretrained=False).state_dict()
+    torch.manual_seed(7)
+    drawn = build_model("alexnet", 10, pretrained=False, init="stats", seed=3).state_dict()
+    for key in ("features.0.weight", "features.10.weight", "classifier.1.weight"):
+        assert not torch.equal(drawn[key], source[key])  # redrawn, not the random start itself
+        assert drawn[key].double().std().item() == pytest.approx(source[key].double().std().item(), rel=0.05)
+        assert abs(drawn[key].double().mean().item() - source[key].double().mean().item()) < (
+            4 * source[key].double().std().item() / drawn[key].numel() ** 0.5)
+    with pytest.raises(ValueError, match="given with pretrained=False"):  # no file is read without pretrained
+        build_model("alexnet", 10, pretrained=False, weights_path=alexnet_file, init="stats")
     with pytest.raises(ValueError, match="init='transfer' is unknown"):
         build_model("alexnet", 10, pretrained=False, init="transfer")
 
@@ -309,8 +319,12 @@ def test_init_settings_that_cannot_apply_are_refused_before_a_run(alexnet_file) 
     from transferstudy import config
 
     assert config.resolve("full", "alexnet", "cifar10", "smoke")["init"] == "imagenet"
-    with pytest.raises(config.ConfigError, match="pretrained is false, so there are none"):
-        config.resolve("full", "alexnet", "cifar10", "smoke", {"init": "stats", "pretrained": False})
+    # without ImageNet weights statistics transfer draws from the random initialisation's statistics: applied
+    assert config.start_weights(config.resolve("full", "alexnet", "cifar10", "smoke",
+                                               {"init": "stats", "pretrained": False})) == "stats"
+    with pytest.raises(config.ConfigError, match="pretrained is false: .* would not be read"):
+        config.resolve("full", "alexnet", "cifar10", "smoke",
+                       {"init": "stats", "pretrained": False, "weights_path": str(alexnet_file)})
     with pytest.raises(config.ConfigError, match="weights_path=.* would not be read"):
         config.resolve("partial", "alexnet", "cifar10", "smoke", {"init": "random", "weights_path": str(alexnet_file)})
     with pytest.raises(config.ConfigError, match="pretrained is false: .* would not be read"):

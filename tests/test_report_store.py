@@ -153,7 +153,7 @@ def test_load_reads_every_cell_of_the_matrix_with_its_latest_status(mixed):
     store = Store.load(mixed["profile"], "data")
     assert store.profile == "quick" and store.data_root == Path("data")
     assert len(store.runs) == len(config.DATASETS) * len(config.MODELS) * len(config.NOTEBOOK_REGIMES) == 20
-    assert store.counts() == {"ok": 4, "failed": 2, "damaged": 1, "missing": 13 + 8}  # and the 8 analysis runs
+    assert store.counts() == {"ok": 4, "failed": 2, "damaged": 1, "missing": 13 + 12}  # and the 12 analysis runs
     status = {key: run.status for key, run in store.runs.items() if run.status != "missing"}
     assert status == {("cifar10", "alexnet", "frozen_svm"): "ok", ("cifar10", "alexnet", "classical"): "ok",
                       ("cifar10", "deit_base", "linear_probe"): "ok", ("cifar10", "alexnet", "full"): "ok",
@@ -234,7 +234,7 @@ def test_banner_warns_of_random_init_and_counts_the_runs(mixed, tmp_path):
     text = Store.load(mixed["profile"]).banner()
     assert "```{warning}" in text and "randomly initialised" in text
     assert "in 1 of the 4 finished runs" in text
-    assert "4 of 28 runs finished, 2 failed, 21 not run yet, 1 damaged." in text
+    assert "4 of 32 runs finished, 2 failed, 25 not run yet, 1 damaged." in text
     assert "profile `quick`" in text and "**random initialisation** and ImageNet-pretrained" in text
     assert "smoke profile" not in text
 
@@ -244,7 +244,7 @@ def test_banner_warns_of_random_init_and_counts_the_runs(mixed, tmp_path):
     write_failed(smoke, "ferplus", "alexnet", "full")
     text = Store.load(smoke).banner()
     assert "(`pretrained: false`) in every run" in text
-    assert "1 of 28 runs finished, 1 failed, 26 not run yet." in text and "damaged" not in text
+    assert "1 of 32 runs finished, 1 failed, 30 not run yet." in text and "damaged" not in text
     assert "its numbers mean nothing" in text
 
     # all pretrained: no warning
@@ -252,7 +252,7 @@ def test_banner_warns_of_random_init_and_counts_the_runs(mixed, tmp_path):
     write_run(full, "cifar10", "alexnet", "full", Y, predict(Y, slice(0, 30)))
     store = Store.load(full)
     assert "{warning}" not in store.banner() and store.pretrained is True
-    assert "1 of 28 runs finished, 0 failed, 27 not run yet." in store.banner()
+    assert "1 of 32 runs finished, 0 failed, 31 not run yet." in store.banner()
 
     # nothing finished
     empty = tmp_path / "empty" / "quick"
@@ -412,6 +412,55 @@ def test_compare_is_b_minus_a(pairs):
     back = tables.compare(b, a)
     assert back.difference.value == pytest.approx(-0.2) and (back.a_only, back.b_only) == (100, 20)
     assert back.p == pytest.approx(c.p)
+
+
+def test_weight_vs_statistics_pairs_each_full_fine_tune_with_its_statistics_transfer_run(tmp_path):
+    from transferstudy.report import analyses
+
+    profile = tmp_path / "quick"
+    # CIFAR-10: AlexNet WT right on 0..299 (75%), ST on 0..149 (37.5%); DeiT WT on 0..319 (80%), ST on 0..39 (10%)
+    for model, (wt, st) in {"alexnet": (300, 150), "deit_base": (320, 40)}.items():
+        write_run(profile, "cifar10", model, "full", Y_PAIR, predict(Y_PAIR, np.arange(wt)))
+        write_run(profile, "cifar10", model, "stats_transfer", Y_PAIR, predict(Y_PAIR, np.arange(st)))
+    write_run(profile, "ferplus", "alexnet", "full", labels(40, "ferplus"),
+              predict(labels(40, "ferplus"), np.arange(20), "ferplus"))  # no statistics transfer beside it: left out
+    frame = tables.weight_vs_statistics(Store.load(profile))
+    assert list(frame["model"]) == ["alexnet", "deit_base"] and set(frame["dataset"]) == {"cifar10"}
+    row = frame.set_index("model").loc["alexnet"]
+    assert (row["wt"], row["st"], row["difference"]) == pytest.approx((0.75, 0.375, 0.375))
+    assert row["wt_low"] <= 0.75 <= row["wt_high"] and row["st_low"] <= 0.375 <= row["st_high"]
+    assert (row["wt_only"], row["st_only"]) == (150, 0)
+    assert row["p"] == pytest.approx(scipy_stats.binomtest(150, 150, 0.5).pvalue)
+    assert row["share"] == pytest.approx(0.5) and row["share_low"] < 0.5 < row["share_high"]
+    assert row["verdict"] == "weight transfer beats statistics transfer by 37.5 pp (p < 0.001)"
+    assert frame.set_index("model").loc["deit_base", "share"] == pytest.approx(0.875)
+    sentence = analyses.transfer_sentence(frame)
+    assert sentence.startswith("Of the 2 model-dataset pairs with both runs (McNemar's exact test, p < 0.05), weight "
+                               "transfer beats statistics transfer beyond chance in 2 (AlexNet on CIFAR-10 and "
+                               "DeiT-Base on CIFAR-10).")
+    one = analyses.transfer_sentence(frame.iloc[:1].assign(p=0.5))
+    assert one.startswith("Of the one model-dataset pair with both runs (McNemar's exact test, p < 0.05), weight "
+                          "transfer beats statistics transfer beyond chance in 0 and the difference is within chance "
+                          "in 1.")
+    assert ("On CIFAR-10, DeiT-Base loses the larger share of its accuracy (AlexNet 0.50, DeiT-Base 0.88, intervals "
+            "apart), as Matsoukas et al. found" in sentence)
+    # the same shares with overlapping intervals: no claim either way
+    close = frame.assign(share_low=[0.4, 0.45], share_high=[0.9, 0.95])
+    assert "but the two intervals overlap, so this build does not show" in analyses.transfer_sentence(close)
+    shown = analyses.transfer_table(frame)
+    assert shown.iloc[0]["(WT − ST) / WT [95% CI]"].startswith("0.50 [")
+    assert shown.iloc[0]["weight transfer [95% CI]"].startswith("75.0% [")
+    assert "No statistics-transfer run has finished" in analyses.transfer_sentence(frame.iloc[:0])
+
+
+def test_relative_difference_is_b_minus_a_over_b_on_the_paired_resamples():
+    a, b = np.arange(50) < 10, np.arange(50) < 40
+    share = stats.relative_difference_ci(a, b, n_boot=500, seed=3)
+    idx = np.random.default_rng(3).integers(0, 50, size=(500, 50))  # the documented resamples
+    boot = (b[idx].mean(axis=1) - a[idx].mean(axis=1)) / b[idx].mean(axis=1)
+    assert share.value == pytest.approx(0.75)
+    assert (share.low, share.high) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])))
+    assert np.isnan(stats.relative_difference_ci(a, np.zeros(50, dtype=bool)).value)  # B gets nothing right
 
 
 @pytest.mark.parametrize("change", ["files", "y_true", "length"])

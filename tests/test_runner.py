@@ -100,6 +100,25 @@ def test_run_folder_holds_every_record(smoke_runs):
         assert not [t for t in said if "IProgress not found" in t], page
 
 
+def test_the_statistics_transfer_run_is_paired_with_the_full_fine_tune_it_trained_as(smoke_runs):
+    from transferstudy.report import Store, tables
+
+    folder = smoke_runs / "smoke" / "cifar10" / "alexnet"
+    st, wt = (results.read_json(folder / r / "params.json") for r in ("stats_transfer", "full"))
+    meta = results.read_json(folder / "stats_transfer" / "meta.json")
+    assert meta["init"] == "stats" and meta["pretrained"] is False  # drawn from the random initialisation's statistics
+    assert meta["weight_transfer_run"] == str((folder / "full").resolve()) and st["full_dir"] == meta["weight_transfer_run"]
+    assert meta["trainable"] == meta["total"] == results.read_json(folder / "full" / "meta.json")["total"]
+    # the same test images in the same order as the full fine-tune's, so the book pairs them image by image
+    with np.load(folder / "full" / "predictions.npz") as a, np.load(folder / "stats_transfer" / "predictions.npz") as b:
+        assert np.array_equal(a["files"], b["files"]) and np.array_equal(a["y_true"], b["y_true"])
+    frame = tables.weight_vs_statistics(Store.load(smoke_runs / "smoke"))
+    assert [(r.dataset, r.model) for r in frame.itertuples()] == [("cifar10", "alexnet")]
+    row = frame.iloc[0]
+    assert 0 <= row["st"] <= 1 and row["difference"] == pytest.approx(row["wt"] - row["st"])
+    assert wt["init"] == "imagenet" and wt["lr_backbone"] == 0.01  # the settings the fine-tune took (not -p'd here)
+
+
 def test_the_feature_reuse_run_keeps_every_measure_of_every_layer(smoke_runs):
     run = smoke_runs / "smoke" / "cifar10" / "alexnet" / "feature_reuse"
     frame = pd.read_csv(run / "feature_reuse.csv")

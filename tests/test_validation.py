@@ -181,7 +181,7 @@ def test_null_keeps_the_profiles_value_so_it_is_refused_where_that_is_not_null(t
     assert code == 2
     assert err.count("-p n_train null") == 1, err  # once, for the 20 runs
     assert ("-p n_train null: null keeps the profile's value (20 in the smoke profile for cifar10/alexnet/"
-            "frozen_svm and 27 more of the selected runs), so it would change nothing; for the whole train split "
+            "frozen_svm and 31 more of the selected runs), so it would change nothing; for the whole train split "
             "write -p n_train none (or all)" in err)
     # where the profile's value is null already, null changes nothing either way and is not passed on
     assert config.check_overrides({"n_train": None}, [("full", "alexnet", "cifar10")], "full") == {
@@ -306,8 +306,9 @@ def test_the_matrix_passes_a_setting_to_the_runs_that_read_it_and_says_which_do_
     assert passed == {"cifar10/alexnet/frozen_svm": {"C": 2.0}, "cifar10/alexnet/linear_probe": {"batch_size": 16},
                       "cifar10/alexnet/partial": {"batch_size": 16}, "cifar10/alexnet/full": {"batch_size": 16},
                       "cifar10/alexnet/classical": {}, "cifar10/alexnet/feature_reuse": {},
-                      "cifar10/alexnet/data_scarcity": {"batch_size": 16}}
-    assert any(line.startswith("note: -p batch_size applies to the linear_probe, partial, full, data_scarcity runs; "
+                      "cifar10/alexnet/data_scarcity": {"batch_size": 16}, "cifar10/alexnet/stats_transfer": {"batch_size": 16}}
+    assert any(line.startswith("note: -p batch_size applies to the linear_probe, partial, full, data_scarcity, "
+                               "stats_transfer runs; "
                                "the frozen_svm, classical, feature_reuse runs do not read it "
                                "(frozen_svm: the frozen SVM trains")
                for line in lines), lines
@@ -335,5 +336,5 @@ def test_an_empty_only_is_refused_not_read_as_the_whole_matrix(only):
     # an unset shell variable in --only "$RUNS" must not start every run of the study
     with pytest.raises(runner.RunnerError, match=r"names no run; leave --only out to run every run"):
         runner.matrix(only)
-    assert len(runner.matrix(None)) == 28 and [s.key for s in runner.matrix("cifar10/alexnet/full")] == [
+    assert len(runner.matrix(None)) == 32 and [s.key for s in runner.matrix("cifar10/alexnet/full")] == [
         "cifar10/alexnet/full"]

@@ -36,8 +36,9 @@ DATASETS = ("cifar10", "ferplus")
 NOTEBOOK_REGIMES = ("frozen_svm", "linear_probe", "partial", "full", "classical")
 # The analyses of how the regimes reuse ImageNet features (Matsoukas et al. 2022): runs of the matrix like the
 # regimes, one notebook each, read after the regimes they measure. profiles.yaml lists their settings under
-# `analyses`, the regimes' under `regimes`.
-ANALYSES = ("feature_reuse", "data_scarcity")
+# `analyses`, the regimes' under `regimes`. stats_transfer fine-tunes the whole network again from statistics
+# transfer, with the full fine-tune's settings, to set against the full fine-tune's weight transfer.
+ANALYSES = ("feature_reuse", "data_scarcity", "stats_transfer")
 NOTEBOOKS = NOTEBOOK_REGIMES + ANALYSES  # every notebook of the matrix, in the order the runner runs them
 WILDCARDS = ("all", "common")
 IDENTITY = ("regime", "model", "dataset", "profile")  # what resolve adds to every run's settings
@@ -46,9 +47,9 @@ RUN_NAMES = ("model", "dataset", "profile", "data_dir", "output_dir", "cache_dir
 # Where a regime reads its inputs from besides the data, in its notebook only: the classical regime's fine-tune
 # (its run folder), and the classroom pack that replaces the images and the backbone pass of the frozen
 # regimes (`transferstudy classroom-pack`; papermill -p features_pack PACK, None: the images).
-# The feature-reuse analysis reads the partial and the full fine-tune beside it.
+# The feature-reuse analysis reads the partial and the full fine-tune beside it, the statistics-transfer one the full.
 SOURCE_NAMES = {"classical": ("source_dir",), "frozen_svm": ("features_pack",), "linear_probe": ("features_pack",),
-                "feature_reuse": ("partial_dir", "full_dir")}
+                "feature_reuse": ("partial_dir", "full_dir"), "stats_transfer": ("full_dir",)}
 
 # Settings a regime has (every regime has the `common` ones) but never reads, so its notebook's
 # parameters cell leaves them out; an override of one is accepted (a `-p` for the whole matrix)
@@ -74,6 +75,9 @@ NOT_IN_NOTEBOOK: dict[str, dict[str, str]] = {
     },
     "data_scarcity": {
         "n_embed_plot": "the data-scarcity analysis keeps no embeddings for the book's figures",
+    },
+    "stats_transfer": {
+        "n_embed_plot": "the statistics-transfer analysis keeps no embeddings for the book's figures",
     },
 }
 
@@ -457,11 +461,7 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
             on, values, _ = APPLIES[key]
             fix = f"leave {key} out" if on == "dataset" else f"set {on} to {values[0]} as well, or leave {key} out"
             raise ConfigError(f"parameter {key}={value!r} would not be applied, so it is refused: {why}; {fix}")
-    if cfg.get("init") == "stats" and not cfg["pretrained"]:
-        raise ConfigError("init='stats' draws each tensor from the statistics of its ImageNet tensor, but pretrained "
-                          "is false, so there are none: set pretrained true (and weights_path FILE offline), or "
-                          "init random for the architecture's own initialisation")
-    if cfg["weights_path"] and start_weights(cfg) == "random":
+    if cfg["weights_path"] and (not cfg["pretrained"] or start_weights(cfg) == "random"):
         why = "pretrained is false" if not cfg["pretrained"] else "init='random'"
         raise ConfigError(f"{why}: the run starts from the architecture's own initialisation, so weights_path="
                           f"{cfg['weights_path']!r} would not be read: drop weights_path, or set pretrained true "
@@ -475,11 +475,14 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
 
 
 def start_weights(cfg: Mapping[str, Any]) -> str:
-    """Where a run's backbone starts: ``imagenet``, ``stats`` or ``random`` (``pretrained: false`` is ``random``;
-    the regimes without an ``init`` setting start from the ImageNet weights, or random ones)."""
-    if not cfg["pretrained"]:
-        return "random"
-    return cfg.get("init", "imagenet")
+    """Where a run's backbone starts: ``imagenet``, ``stats`` or ``random``. ``pretrained`` says what the source
+    network is (ImageNet's, or with ``pretrained: false`` the architecture's own random initialisation), ``init``
+    how the run uses it: so ``pretrained: false`` is ``random``, except that ``stats`` still draws from the source's
+    statistics (those of the random initialisation). The regimes without ``init`` start from the source itself."""
+    init = cfg.get("init", "imagenet")
+    if init == "stats":
+        return init
+    return init if cfg["pretrained"] else "random"
 
 
 def common_settings() -> set[str]:

@@ -529,3 +529,35 @@ def scarcity_curves(curves: pd.DataFrame, datasets: dict[str, str], models: dict
     fig.tight_layout(rect=(0, 0.1 if len(handles) > 4 else 0.07, 1, 1))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), frameon=False, fontsize=9)
     return fig
+
+
+def weight_vs_statistics(frame: pd.DataFrame, datasets: dict[str, str], models: dict[str, str], title: str):
+    """Test accuracy of weight transfer (filled) and statistics transfer (hollow) with their 95% intervals, per model;
+    one panel per dataset, each model labelled with (WT − ST) / WT. ``frame``: ``tables.weight_vs_statistics``."""
+    if frame.empty:
+        raise ValueError("weight_vs_statistics needs at least one pair of finished runs; draw figures.no_data instead")
+    fig, axes = _panel_grid(1, len(datasets), width=5.0, height=3.8, sharey=True)
+    for ax, (dataset, dlabel) in zip(axes[0], datasets.items()):
+        shown = frame[frame["dataset"] == dataset].set_index("model")
+        names = [m for m in models if m in shown.index]
+        for x, model in enumerate(names):
+            row, colour = shown.loc[model], MODEL_COLOURS.get(model)
+            for dx, (key, face) in ((-0.12, ("wt", colour)), (0.12, ("st", "white"))):
+                value, low, high = (100 * row[key], 100 * row[f"{key}_low"], 100 * row[f"{key}_high"])
+                ax.errorbar(x + dx, value, yerr=[[max(value - low, 0)], [max(high - value, 0)]], fmt="o",
+                            color=colour, mfc=face, capsize=3, markersize=7)
+        shares = [f"(WT − ST)/WT = {shown.loc[m, 'share']:.2f}" if pd.notna(shown.loc[m, "share"])
+                  else "WT scored 0" for m in names]
+        ax.set_xticks(range(len(names)), [f"{models[m]}\n{share}" for m, share in zip(names, shares)])
+        ax.set_xlim(-0.6, max(len(names), 1) - 0.4)
+        ax.set_xlabel("backbone")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(dlabel if names else f"{dlabel}: no finished pair")
+        ax.grid(True, axis="y", alpha=0.3)
+    handles = [plt.Line2D([], [], color="grey", marker="o", linestyle="none", mfc=face, label=label)
+               for face, label in (("grey", "weight transfer (WT): the starting weights"),
+                                   ("white", "statistics transfer (ST): their mean and std"))]
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False, fontsize=9)
+    return fig

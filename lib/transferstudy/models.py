@@ -431,7 +431,8 @@ def build_model(
     `init` says what the network starts from: "imagenet" (those weights: weight transfer), "stats"
     (statistics transfer: every tensor re-drawn from a normal with the mean and std of its ImageNet
     tensor, norm layers at their defaults, drawn with `seed`; see `reuse.stats_init`) or "random"
-    (the architecture's own initialisation, as pretrained=False).
+    (the architecture's own initialisation, as pretrained=False). With pretrained=False, "stats" draws
+    from the statistics of the random initialisation instead, as a build without ImageNet weights must.
     """
     record = backbone(name)
     if init not in INITS:
@@ -442,12 +443,9 @@ def build_model(
                              "read it; drop weights_path, or use init='imagenet' / 'stats'.")
         return build_model(name, num_classes, pretrained=False)
     if init == "stats":
-        if not pretrained:
-            raise ValueError("init='stats' draws from the ImageNet tensors' statistics; it needs pretrained=True "
-                             "(and weights_path offline). For the architecture's own initialisation use init='random'.")
         from .reuse import stats_init
 
-        model = build_model(name, num_classes, pretrained=True, weights_path=weights_path)
+        model = build_model(name, num_classes, pretrained=pretrained, weights_path=weights_path)
         return stats_init(model, {k: v.detach().clone() for k, v in model.state_dict().items()}, seed)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")

@@ -183,8 +183,8 @@ def _weights_problems(regime: str, model: str, dataset: str, cfg: Mapping[str, A
                       weights: dict[tuple, str | None], probes: dict[str, str | None]) -> list[str]:
     if "pretrained" not in cfg or "weights_path" in config.NOT_IN_NOTEBOOK.get(regime, {}):
         return []  # no starting weights in its settings, or it loads another run's model (classical)
-    if config.start_weights(cfg) not in ("imagenet", "stats"):
-        return []
+    if not cfg["pretrained"] or config.start_weights(cfg) == "random":
+        return []  # no weights to read (statistics transfer without them draws from the random initialisation's)
     path = cfg.get("weights_path")
     if path:
         from . import data

@@ -52,10 +52,12 @@ NOTEBOOKS = {
     "classical": "05_classical_on_embeddings.ipynb",
     "feature_reuse": "07_feature_reuse.ipynb",
     "data_scarcity": "08_data_scarcity.ipynb",
+    "stats_transfer": "09_stats_transfer.ipynb",
 }
 # The runs whose folders a run reads (so they are locked with it, and their meta.json is part of its fingerprint):
-# the classical regime's fine-tune (source_regime), the feature-reuse analysis's two fine-tunes.
-SOURCES = {"feature_reuse": {"partial_dir": "partial", "full_dir": "full"}}
+# the classical regime's fine-tune (source_regime), the feature-reuse analysis's two fine-tunes, the
+# statistics-transfer analysis's full fine-tune (its weight transfer).
+SOURCES = {"feature_reuse": {"partial_dir": "partial", "full_dir": "full"}, "stats_transfer": {"full_dir": "full"}}
 
 
 class RunnerError(ValueError):

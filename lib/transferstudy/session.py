@@ -60,8 +60,9 @@ class Session:
     # --- provenance --------------------------------------------------------------------
 
     def provenance_line(self) -> str:
+        source = "ImageNet" if self.cfg["pretrained"] else "randomly initialised (`pretrained: false`)"
         weights = {"imagenet": "ImageNet-pretrained weights",
-                   "stats": "**statistics transfer** (`init: stats`: each tensor drawn from its ImageNet tensor's "
+                   "stats": f"**statistics transfer** (`init: stats`: each tensor drawn from its {source} tensor's "
                             "mean and std)",
                    "random": "**random initialisation** (`pretrained: false` or `init: random`)"}[config.start_weights(self.cfg)]
         return (f"profile `{self.cfg['profile']}` · {weights} · device `{self.device}` · "
@@ -100,10 +101,15 @@ class Session:
     def weights_id(self) -> str:
         """What identifies the backbone's starting weights (part of the feature cache key)."""
         init = config.start_weights(self.cfg)
+        random = f"random:{self.cfg['model']}:seed{self.cfg['seed']}:torch{torch.__version__}"
         if init == "random":
-            return f"random:{self.cfg['model']}:seed{self.cfg['seed']}:torch{torch.__version__}"
-        source = ("file:" + features.file_digest(self.cfg["weights_path"]) if self.cfg["weights_path"]
-                  else f"pretrained:{self.cfg['model']}")
+            return random
+        if not self.cfg["pretrained"]:  # statistics transfer from the random initialisation
+            source = random
+        elif self.cfg["weights_path"]:
+            source = "file:" + features.file_digest(self.cfg["weights_path"])
+        else:
+            source = f"pretrained:{self.cfg['model']}"
         return source if init == "imagenet" else f"stats-of-{source}:seed{self.cfg['seed']}:torch{torch.__version__}"
 
     def embeddings(self, net: nn.Module, kind: str, weights_id: str | None,
@@ -157,6 +163,27 @@ class Session:
         from . import bundle
 
         source = Path(source)
+        ours = {"model": self.cfg["model"], "dataset": self.cfg["dataset"], "init": config.start_weights(self.cfg),
+                "seed": self.cfg["seed"]}
+        self._other_run(source, ours, "its starting weights are not this run's backbone")
+        net = bundle.load_finetuned(source / "bundle", self.cfg["model"], len(self.classes)).to(self.device)
+        return net, "checkpoint:" + features.file_digest(source / "bundle" / "checkpoint.pt")
+
+    def trained_as(self, source: str | Path, differ: tuple[str, ...] = ("init",)) -> dict[str, Any]:
+        """The settings of the finished run in folder ``source`` (its ``params.json``), checked to be this session's
+        own but for ``differ``, and its split this session's: so that this session trains as that run did, and the
+        two are scored on the same images (the statistics-transfer analysis against the full fine-tune's weight
+        transfer). Refused, naming each setting that differs, before anything trains."""
+        ours = {k: v for k, v in self.cfg.items() if k not in differ}
+        theirs = self._other_run(Path(source), {**ours, "split_hash": self.data.split_hash},
+                                 f"this {self.owner} run must train as it did, on the same images, for the two to be "
+                                 f"compared; rerun it with this run's settings (-p ... on both), or give this run its "
+                                 f"settings")
+        return {k: theirs[k] for k in self.cfg if k in theirs and k not in differ}
+
+    def _other_run(self, source: Path, ours: dict[str, Any], why: str) -> dict[str, Any]:
+        """The settings and record of the finished run in folder ``source``, refused (naming the folder, ``why``
+        and each difference) unless they hold the values ``ours``."""
         try:
             meta = results.read_json(source / "meta.json")
         except (OSError, ValueError) as exc:
@@ -166,15 +193,11 @@ class Session:
             raise ValueError(f"{source}'s last run did not finish ({meta.get('error', meta.get('status'))}); "
                              f"rerun it first")
         theirs = {**results.read_json(source / "params.json"), **meta}
-        ours = {"model": self.cfg["model"], "dataset": self.cfg["dataset"], "init": config.start_weights(self.cfg),
-                "seed": self.cfg["seed"]}
-        if bad := {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}:
+        if bad := {k: (theirs.get(k), v) for k, v in ours.items() if _canonical(theirs.get(k)) != _canonical(v)}:
             raise ValueError(f"{source} is a run with " + ", ".join(f"{k} {a!r}" for k, (a, _) in bad.items()) +
                              " but this run has " + ", ".join(f"{k} {b!r}" for k, (_, b) in bad.items()) +
-                             f"; its starting weights are not this run's backbone: point to a run of the same "
-                             f"settings, or rerun it with them")
-        net = bundle.load_finetuned(source / "bundle", self.cfg["model"], len(self.classes)).to(self.device)
-        return net, "checkpoint:" + features.file_digest(source / "bundle" / "checkpoint.pt")
+                             f"; {why}")
+        return theirs
 
     def _cache_args(self) -> dict[str, Any]:
         """Preprocessing, batching, device and cache-key context shared by the feature-cache calls."""
@@ -186,15 +209,16 @@ class Session:
         """The regime's optimiser, with discriminative learning rates per parameter group."""
         return regimes.optimizer(net, self.cfg["model"], self.regime, self.cfg)
 
-    def as_regime(self, regime: str) -> Session:
+    def as_regime(self, regime: str, settings: dict[str, Any] | None = None) -> Session:
         """This run's data, device and folder with ``regime``'s settings: the profile's for that regime, with this
         run's changes to the settings every regime has (``-p batch_size 16`` on this run reaches each regime it
-        trains). How the data-scarcity analysis trains each regime as that regime's own run does."""
+        trains), then ``settings`` (``{"init": "stats"}``). How the analyses train each regime as that regime's own
+        run does."""
         model, dataset, profile = self.cfg["model"], self.cfg["dataset"], self.cfg["profile"]
         profile_values = config.resolve(self.regime, model, dataset, profile)
         changed = {k: config.NONE if v is None else v for k, v in self.cfg.items()
                    if k in config.common_settings() and v != profile_values[k]}
-        cfg = config.resolve(regime, model, dataset, profile, changed)
+        cfg = config.resolve(regime, model, dataset, profile, {**changed, **(settings or {})})
         return dataclasses.replace(self, regime=regime, cfg=cfg, resume=None)
 
     def fit(self, net: nn.Module, train: Any = None, val: Any = None, preprocess: Any = None,
@@ -318,6 +342,11 @@ class Session:
         if rank == 0:  # the run finished: its resumable states (and its abandoned attempts') are no longer needed
             training.TrainState.clear_family(self._resume_folder(), self._resume_family())
         return done
+
+
+def _canonical(value: Any) -> str:
+    """A setting as its JSON text, so a tuple and the list a JSON record reads back compare equal."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def join_process_group() -> None:

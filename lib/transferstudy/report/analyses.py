@@ -1,4 +1,5 @@
-"""What the Feature reuse and Data scarcity chapters show, computed from the analysis runs' tidy tables.
+"""What the Feature reuse and Data scarcity chapters show, computed from the analysis runs' tidy tables (and, for
+weight against statistics transfer, from the predictions ``tables.weight_vs_statistics`` pairs).
 
 The two analyses (Matsoukas et al. 2022) write one tidy CSV per run (``store.ANALYSIS_TABLES``);
 ``Store.analysis_frame`` concatenates them with ``model`` and ``dataset`` columns. Every function here takes
@@ -23,7 +24,7 @@ import pandas as pd
 from scipy import stats as _scipy_stats
 
 from .. import config
-from . import tables
+from . import stats, tables
 from .store import ANALYSIS_LABELS, DATASET_LABELS, LADDER, MODEL_LABELS, REGIME_LABELS, REGIME_SHORT, Run, Store
 
 NETWORKS = ("backbone", "partial", "full")
@@ -758,3 +759,59 @@ def regime_labels(regimes: Any = None) -> dict[str, str]:
     """Regime labels for the scarcity figure's legend, least trained first."""
     names = sorted(set(regimes) if regimes is not None else set(LADDER), key=_regime_order)
     return {r: REGIME_LABELS.get(r, r) for r in names}
+
+
+# --- weight transfer against statistics transfer (tables.weight_vs_statistics) ---------------------------------
+
+
+def transfer_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The WT-against-ST comparison for a page: both accuracies, WT − ST and (WT − ST) / WT with their intervals,
+    McNemar's p."""
+    rows = [{"dataset": DATASET_LABELS[r.dataset], "model": MODEL_LABELS[r.model],
+             "weight transfer [95% CI]": tables.pct_ci(r.wt, r.wt_low, r.wt_high),
+             "statistics transfer [95% CI]": tables.pct_ci(r.st, r.st_low, r.st_high),
+             "WT − ST [95% CI]": tables.pp_ci(r.difference, r.diff_low, r.diff_high),
+             "McNemar p": stats.format_p(r.p).removeprefix("p = "),
+             "(WT − ST) / WT [95% CI]": number_ci(r.share, r.share_low, r.share_high)}
+            for r in _ordered(frame).itertuples()]
+    return pd.DataFrame(rows, columns=["dataset", "model", "weight transfer [95% CI]", "statistics transfer [95% CI]",
+                                       "WT − ST [95% CI]", "McNemar p", "(WT − ST) / WT [95% CI]"])
+
+
+def transfer_sentence(frame: pd.DataFrame) -> str:
+    """Whether weight transfer beats statistics transfer beyond chance in each pair, and whether the ViT loses the
+    larger share of its accuracy without the ImageNet features on each dataset (Matsoukas et al. 2022's finding)."""
+    if frame.empty:
+        return ("No statistics-transfer run has finished beside its full fine-tune yet, so weight and statistics "
+                "transfer cannot be compared here.")
+    count = tables.tally(frame)  # B is weight transfer, A statistics transfer
+    won = {sign: [pair_label(r.dataset, r.model) for r in frame.itertuples()
+                  if r.p < stats.ALPHA and np.sign(r.difference) == sign] for sign in (1, -1)}
+    parts = [f"weight transfer beats statistics transfer beyond chance in {count['b_ahead']}"
+             + (f" ({_listing(won[1])})" if won[1] else "")]
+    if count["a_ahead"]:
+        parts.append(f"statistics transfer beats weight transfer beyond chance in {count['a_ahead']} "
+                     f"({_listing(won[-1])})")
+    if count["same"]:
+        parts.append(f"the difference is within chance in {count['same']}")
+    n = count["n"]
+    text = (f"Of the {n if n > 1 else 'one'} model-dataset pair{'s' if n > 1 else ''} with both runs (McNemar's "
+            f"exact test, p < {stats.ALPHA}), {_listing(parts)}.")
+    for dataset in config.DATASETS:
+        both = frame[frame["dataset"] == dataset].set_index("model")
+        if not set(config.MODELS) <= set(both.index) or both["share"].isna().any():
+            continue
+        cnn, vit = both.loc[config.MODELS[0]], both.loc[config.MODELS[1]]
+        larger = MODEL_LABELS[config.MODELS[1]] if vit["share"] > cnn["share"] else MODEL_LABELS[config.MODELS[0]]
+        verdict = _verdict(cnn["share_low"], cnn["share_high"], vit["share_low"], vit["share_high"])
+        shares = (f"{MODEL_LABELS[config.MODELS[0]]} {_number(cnn['share'])}, "
+                  f"{MODEL_LABELS[config.MODELS[1]]} {_number(vit['share'])}")
+        if verdict == "within":
+            text += (f" On {DATASET_LABELS[dataset]}, {larger} loses the larger share of its accuracy ({shares}), but "
+                     f"the two intervals overlap, so this build does not show that one model relies more on the "
+                     f"ImageNet features than the other.")
+        else:
+            holds = "as" if verdict == "ahead" else "unlike what"
+            text += (f" On {DATASET_LABELS[dataset]}, {larger} loses the larger share of its accuracy ({shares}, "
+                     f"intervals apart), {holds} Matsoukas et al. found for ViTs against CNNs.")
+    return text

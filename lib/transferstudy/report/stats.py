@@ -23,7 +23,7 @@ from scipy import stats as _scipy_stats
 __all__ = [
     "ALPHA", "N_BOOT", "SEED", "Comparison", "Interval", "accuracy_ci", "compare_paired",
     "comparison_sentence", "direction", "format_p", "macro_f1_ci", "mcnemar_exact",
-    "paired_difference_ci", "significant", "unpaired_difference_ci", "unpaired_p",
+    "paired_difference_ci", "relative_difference_ci", "significant", "unpaired_difference_ci", "unpaired_p",
 ]
 
 N_BOOT = 2000
@@ -248,6 +248,22 @@ def paired_difference_ci(correct_a: Any, correct_b: Any, n_boot: int = N_BOOT, s
     _same_length("correct_a", a, "correct_b", b)
     boot_a, boot_b = _paired_boot(a, b, n_boot, seed)
     return _interval(b.mean() - a.mean(), boot_b - boot_a, confidence)
+
+
+def relative_difference_ci(correct_a: Any, correct_b: Any, n_boot: int = N_BOOT, seed: int = SEED,
+                           confidence: float = 0.95) -> Interval:
+    """(accuracy(B) - accuracy(A)) / accuracy(B) on the same images, with a paired bootstrap interval (the resamples
+    of :func:`paired_difference_ci`): the share of B's accuracy that A does not reach. With A statistics transfer and
+    B weight transfer it is Matsoukas et al. (2022)'s (WT - ST) / WT. Undefined (NaN, NaN, NaN) when B gets no image
+    right; resamples in which B gets none right are left out of the interval."""
+    _check_bootstrap(n_boot, seed, confidence)
+    a, b = _correctness("correct_a", correct_a), _correctness("correct_b", correct_b)
+    _same_length("correct_a", a, "correct_b", b)
+    if not b.any():
+        return Interval(math.nan, math.nan, math.nan)
+    boot_a, boot_b = _paired_boot(a, b, n_boot, seed)
+    kept = boot_b > 0
+    return _interval((b.mean() - a.mean()) / b.mean(), (boot_b[kept] - boot_a[kept]) / boot_b[kept], confidence)
 
 
 def unpaired_difference_ci(correct_a: Any, correct_b: Any, n_boot: int = N_BOOT, seed: int = SEED,

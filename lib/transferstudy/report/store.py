@@ -29,7 +29,8 @@ MODEL_LABELS = {"alexnet": "AlexNet", "deit_base": "DeiT-Base"}
 REGIME_LABELS = {"frozen_svm": "Frozen features → SVM", "linear_probe": "Linear probe",
                  "partial": "Partial fine-tune", "full": "Full fine-tune",
                  "classical": "Classical classifiers on embeddings"}
-ANALYSIS_LABELS = {"feature_reuse": "Feature reuse", "data_scarcity": "Data scarcity"}
+ANALYSIS_LABELS = {"feature_reuse": "Feature reuse", "data_scarcity": "Data scarcity",
+                   "stats_transfer": "Statistics transfer"}
 RUN_LABELS = {**REGIME_LABELS, **ANALYSIS_LABELS}  # what each notebook of the matrix is, for titles
 # The tidy table each analysis writes into its run folder, and its columns (issue #12).
 ANALYSIS_TABLES = {
@@ -37,6 +38,7 @@ ANALYSIS_TABLES = {
     "data_scarcity": ("data_scarcity.csv", ("model", "dataset", "regime", "fraction", "seed", "n_train", "n_test",
                                             "test_accuracy")),
 }
+SCORED = (*config.NOTEBOOK_REGIMES, "stats_transfer")  # the runs that score a classifier (metrics.json, predictions)
 REGIME_SHORT = {"frozen_svm": "frozen SVM", "linear_probe": "linear probe", "partial": "partial fine-tune",
                 "full": "full fine-tune", "classical": "classical"}  # for table cells
 LADDER = config.NOTEBOOK_REGIMES[:4]  # frozen SVM -> linear probe -> partial -> full: least to most trained
@@ -236,7 +238,7 @@ def read_run(run_dir: Path, dataset: str | None = None, model: str | None = None
         status = meta.get("status", "ok")
         reading = run_dir / "metrics.json"
         metrics = _read(reading) if status == "ok" else {}
-        if status == "ok" and regime in config.NOTEBOOK_REGIMES and "classifiers" not in metrics:
+        if status == "ok" and regime in SCORED and "classifiers" not in metrics:
             raise ValueError("it has no 'classifiers' (missing, or written by an older version)")
     except (ValueError, OSError) as exc:  # bad JSON, unreadable file
         return Run(dataset, model, regime, "damaged", run_dir,
