@@ -231,18 +231,22 @@ def test_statistics_transfer_trains_as_the_full_fine_tune_did_or_is_refused_befo
                                                         "init": "random"})
 
     finished()
-    shared = tuning.trained_as(full)
+    wt = {"init": "imagenet"}
+    shared = tuning.trained_as(full, wt)
     assert "init" not in shared and shared["lr_backbone"] == tuning.cfg["lr_backbone"] == 0.01
     finished(lr_backbone=0.5)
-    with pytest.raises(ValueError, match=r"is a run with lr_backbone 0.5 but this run has lr_backbone 0.01; this "
-                                         r"stats_transfer run must train as it did"):
-        tuning.trained_as(full)
+    with pytest.raises(ValueError, match=r"is a run with lr_backbone 0.5 but it needs lr_backbone 0.01; this "
+                                         r"stats_transfer run must train as it did but for init 'imagenet'"):
+        tuning.trained_as(full, wt)
+    finished(init="stats")  # a store run with -p init stats: its full fine-tune is no weight transfer
+    with pytest.raises(ValueError, match=r"is a run with init 'stats' but it needs init 'imagenet'"):
+        tuning.trained_as(full, wt)
     finished({"status": "ok", "split_hash": "0" * 16})
-    with pytest.raises(ValueError, match="split_hash '0000000000000000' but this run has split_hash"):
-        tuning.trained_as(full)
+    with pytest.raises(ValueError, match="split_hash '0000000000000000' but it needs split_hash"):
+        tuning.trained_as(full, wt)
     finished({"status": "failed", "error": "RuntimeError: boom"})
     with pytest.raises(ValueError, match=r"last run did not finish \(RuntimeError: boom\); rerun it first"):
-        tuning.trained_as(full)
+        tuning.trained_as(full, wt)
 
 
 # --- the results store ---------------------------------------------------------------------------------

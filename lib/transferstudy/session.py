@@ -169,21 +169,25 @@ class Session:
         net = bundle.load_finetuned(source / "bundle", self.cfg["model"], len(self.classes)).to(self.device)
         return net, "checkpoint:" + features.file_digest(source / "bundle" / "checkpoint.pt")
 
-    def trained_as(self, source: str | Path, differ: tuple[str, ...] = ("init",)) -> dict[str, Any]:
+    def trained_as(self, source: str | Path, theirs: dict[str, Any]) -> dict[str, Any]:
         """The settings of the finished run in folder ``source`` (its ``params.json``), checked to be this session's
-        own but for ``differ``, and its split this session's: so that this session trains as that run did, and the
-        two are scored on the same images (the statistics-transfer analysis against the full fine-tune's weight
-        transfer). Refused, naming each setting that differs, before anything trains."""
-        ours = {k: v for k, v in self.cfg.items() if k not in differ}
-        theirs = self._other_run(Path(source), {**ours, "split_hash": self.data.split_hash},
-                                 f"this {self.owner} run must train as it did, on the same images, for the two to be "
-                                 f"compared; rerun it with this run's settings (-p ... on both), or give this run its "
-                                 f"settings")
-        return {k: theirs[k] for k in self.cfg if k in theirs and k not in differ}
+        own except for ``theirs``, which it must hold as given, and its split this session's: so that this session
+        trains as that run did, and the two are scored on the same images (the statistics-transfer analysis against
+        the full fine-tune's weight transfer: ``theirs`` ``{"init": "imagenet"}``). Refused, naming each setting that
+        differs, before anything trains."""
+        ours = {k: v for k, v in self.cfg.items() if k not in theirs}
+        found = self._other_run(Path(source), {**ours, **theirs, "split_hash": self.data.split_hash},
+                                f"this {self.owner} run must train as it did but for "
+                                f"{', '.join(f'{k} {v!r}' for k, v in theirs.items())}, on the same images, for the "
+                                f"two to be compared; rerun them with the same settings (-p ... on both)",
+                                settings_only=True)
+        return {k: found[k] for k in ours if k in found}
 
-    def _other_run(self, source: Path, ours: dict[str, Any], why: str) -> dict[str, Any]:
+    def _other_run(self, source: Path, ours: dict[str, Any], why: str, settings_only: bool = False) -> dict[str, Any]:
         """The settings and record of the finished run in folder ``source``, refused (naming the folder, ``why``
-        and each difference) unless they hold the values ``ours``."""
+        and each difference) unless they hold the values ``ours``. ``settings_only``: its settings as given
+        (``params.json``) and its split, not what its record says of them (``meta.json``'s ``init`` is the weights it
+        started from: ``random`` under ``pretrained: false``)."""
         try:
             meta = results.read_json(source / "meta.json")
         except (OSError, ValueError) as exc:
@@ -192,10 +196,12 @@ class Session:
         if meta.get("status") != "ok":
             raise ValueError(f"{source}'s last run did not finish ({meta.get('error', meta.get('status'))}); "
                              f"rerun it first")
-        theirs = {**results.read_json(source / "params.json"), **meta}
+        params = results.read_json(source / "params.json")
+        theirs = {**params, "split_hash": meta.get("split_hash")} if settings_only else {**params, **meta}
         if bad := {k: (theirs.get(k), v) for k, v in ours.items() if _canonical(theirs.get(k)) != _canonical(v)}:
             raise ValueError(f"{source} is a run with " + ", ".join(f"{k} {a!r}" for k, (a, _) in bad.items()) +
-                             " but this run has " + ", ".join(f"{k} {b!r}" for k, (_, b) in bad.items()) +
+                             f" but {'it needs' if settings_only else 'this run has'} " +
+                             ", ".join(f"{k} {b!r}" for k, (_, b) in bad.items()) +
                              f"; {why}")
         return theirs
 
