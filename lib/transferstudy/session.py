@@ -165,7 +165,8 @@ class Session:
         source = Path(source)
         ours = {"model": self.cfg["model"], "dataset": self.cfg["dataset"], "init": config.start_weights(self.cfg),
                 "seed": self.cfg["seed"]}
-        self._other_run(source, ours, "its starting weights are not this run's backbone")
+        self._other_run(source, ours, "its starting weights are not this run's backbone: point to a run of the same "
+                                      "settings, or rerun it with them")
         net = bundle.load_finetuned(source / "bundle", self.cfg["model"], len(self.classes)).to(self.device)
         return net, "checkpoint:" + features.file_digest(source / "bundle" / "checkpoint.pt")
 
