@@ -779,8 +779,9 @@ def transfer_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def transfer_sentence(frame: pd.DataFrame) -> str:
-    """Whether weight transfer beats statistics transfer beyond chance in each pair, and whether the ViT loses the
-    larger share of its accuracy without the ImageNet features on each dataset (Matsoukas et al. 2022's finding)."""
+    """Whether weight transfer beats statistics transfer beyond chance in each pair, and on each dataset which model
+    has the larger (WT − ST) / WT, whether their intervals are apart, and whether that agrees with Matsoukas et al.
+    (2022), who found the ViT relying more on the pretrained features than the CNN."""
     if frame.empty:
         return ("No statistics-transfer run has finished beside its full fine-tune yet, so weight and statistics "
                 "transfer cannot be compared here.")
@@ -802,16 +803,16 @@ def transfer_sentence(frame: pd.DataFrame) -> str:
         if not set(config.MODELS) <= set(both.index) or both["share"].isna().any():
             continue
         cnn, vit = both.loc[config.MODELS[0]], both.loc[config.MODELS[1]]
-        larger = MODEL_LABELS[config.MODELS[1]] if vit["share"] > cnn["share"] else MODEL_LABELS[config.MODELS[0]]
         verdict = _verdict(cnn["share_low"], cnn["share_high"], vit["share_low"], vit["share_high"])
-        shares = (f"{MODEL_LABELS[config.MODELS[0]]} {_number(cnn['share'])}, "
-                  f"{MODEL_LABELS[config.MODELS[1]]} {_number(vit['share'])}")
+        (top, high), (other, low) = sorted(((MODEL_LABELS[m], both.loc[m, "share"]) for m in config.MODELS),
+                                           key=lambda item: item[1], reverse=True)
+        text += (f" On {DATASET_LABELS[dataset]}, (WT − ST) / WT is larger for {top} ({_number(high)} against "
+                 f"{_number(low)} for {other})")
         if verdict == "within":
-            text += (f" On {DATASET_LABELS[dataset]}, {larger} loses the larger share of its accuracy ({shares}), but "
-                     f"the two intervals overlap, so this build does not show that one model relies more on the "
-                     f"ImageNet features than the other.")
+            text += (", but the two intervals overlap, so this build does not show that one model relies more on "
+                     "the pretrained features than the other.")
         else:
             holds = "as" if verdict == "ahead" else "unlike what"
-            text += (f" On {DATASET_LABELS[dataset]}, {larger} loses the larger share of its accuracy ({shares}, "
-                     f"intervals apart), {holds} Matsoukas et al. found for ViTs against CNNs.")
+            text += (f" and the intervals are apart: {top} relies more on the pretrained features, "
+                     f"{holds} Matsoukas et al. found for ViTs against CNNs.")
     return text
