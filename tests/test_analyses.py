@@ -217,11 +217,29 @@ def test_a_restarted_data_scarcity_run_does_not_train_a_finished_subset_again(ci
     assert not list((tmp_path / "cache" / "resume").glob("*.done.*.json"))
 
 
+def test_statistics_transfer_has_the_full_fine_tunes_settings_but_init():
+    for profile in ("full", "quick", "smoke"):
+        for model in config.MODELS:
+            for dataset in config.DATASETS:
+                full = config.resolve("full", model, dataset, profile)
+                st = config.resolve("stats_transfer", model, dataset, profile)
+                assert st == {k: v for k, v in full.items() if k != "init"} | {"regime": "stats_transfer"}
+    assert config.resolve("stats_transfer", "deit_base", "cifar10", "quick")["micro_batch_size"] == 16  # full/deit_base
+    with pytest.raises(config.ConfigError, match="parameter 'init' is not a setting of the stats_transfer regime"):
+        config.resolve("stats_transfer", "alexnet", "cifar10", "smoke", {"init": "random"})
+    # a -p for the whole matrix reaches the full fine-tune and the statistics transfer alike; init only the former
+    runs = [("full", "alexnet", "cifar10"), ("stats_transfer", "alexnet", "cifar10")]
+    per_run = config.check_overrides({"lr_backbone": 0.5, "init": "stats"}, runs, "smoke")
+    assert per_run[runs[0]] == {"lr_backbone": 0.5, "init": "stats"} and per_run[runs[1]] == {"lr_backbone": 0.5}
+
+
 def test_statistics_transfer_trains_as_the_full_fine_tune_did_or_is_refused_before_training(cifar_dir, tmp_path):
     tuning = start("stats_transfer", cifar_dir, tmp_path).as_regime("full", {"init": "stats"})
     assert tuning.cfg == config.resolve("full", "alexnet", "cifar10", "smoke",
                                         {"pretrained": False, "n_train": 8, "n_val": 4, "n_test": 6, "init": "stats"})
     assert config.start_weights(tuning.cfg) == "stats" and tuning.owner == "stats_transfer"
+    changed = start("stats_transfer", cifar_dir, tmp_path, lr_backbone=0.5).as_regime("full", {"init": "stats"})
+    assert changed.cfg["lr_backbone"] == 0.5  # this run's change to a setting of the full fine-tune reaches it
     full = tmp_path / "runs" / "full"
 
     def finished(meta: dict | None = None, **changed) -> None:  # the full fine-tune's record, as its run writes it

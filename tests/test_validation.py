@@ -201,7 +201,7 @@ def test_the_null_convention_is_in_the_help(capsys):
     assert "n_train (stratified subset of the train split (drawn after the 80/20 split)): a whole number >= 1 " \
            "and at most 40,000 for cifar10" in text
     assert ("patience (early stopping after this many epochs without improvement): a whole number >= 1, or none "
-            "(no early stopping) [linear_probe, partial, full]") in text
+            "(no early stopping) [linear_probe, partial, full, stats_transfer]") in text
 
 
 def test_a_setting_given_twice_is_refused(tmp_path, capsys, no_notebooks):
@@ -231,7 +231,7 @@ def test_a_setting_no_selected_run_reads_is_refused(tmp_path, capsys, no_noteboo
     code, err = run_cli(tmp_path, capsys, "--only", "*/*/frozen_svm", "-p", "epochs", "3")
     assert code == 2
     assert ("-p epochs: no selected run reads it, so it would have no effect; epochs is read by linear_probe, "
-            "partial, full, the selected runs are frozen_svm") in err
+            "partial, full, stats_transfer, the selected runs are frozen_svm") in err
     code, err = run_cli(tmp_path, capsys, "--only", "*/*/frozen_svm,*/*/classical", "-p", "batch_size", "16")
     assert code == 2
     assert "the selected runs are frozen_svm, classical (frozen_svm: the frozen SVM trains no network" in err

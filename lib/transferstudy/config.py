@@ -40,6 +40,11 @@ NOTEBOOK_REGIMES = ("frozen_svm", "linear_probe", "partial", "full", "classical"
 # transfer, with the full fine-tune's settings, to set against the full fine-tune's weight transfer.
 ANALYSES = ("feature_reuse", "data_scarcity", "stats_transfer")
 NOTEBOOKS = NOTEBOOK_REGIMES + ANALYSES  # every notebook of the matrix, in the order the runner runs them
+# An analysis that trains as a regime does has that regime's settings (its profiles.yaml entries, and the profile
+# entries that name the regime), less the ones it fixes itself: stats_transfer is the full fine-tune started from
+# statistics transfer, so a `-p` that reaches the full fine-tune reaches it too, and init (always stats) is not one
+# of its settings.
+TRAINS_AS = {"stats_transfer": ("full", ("init",))}
 WILDCARDS = ("all", "common")
 IDENTITY = ("regime", "model", "dataset", "profile")  # what resolve adds to every run's settings
 # Which run and where, in every regime notebook; not settings.
@@ -397,7 +402,7 @@ def profiles() -> dict[str, str]:
 
 def _matching(section: dict, regime: str, model: str, dataset: str) -> list[dict]:
     """The entries of a section whose key applies to this run, most general first."""
-    names = {regime, model, dataset}
+    names = {regime, model, dataset, *TRAINS_AS.get(regime, ())[:1]}
     hits = []
     for key, values in section.items():
         if key == "description" or not isinstance(values, dict):
@@ -411,6 +416,8 @@ def _matching(section: dict, regime: str, model: str, dataset: str) -> list[dict
 def _section(regime: str) -> dict:
     """profiles.yaml's entries of a regime (under ``regimes``) or of an analysis (under ``analyses``)."""
     data = _load()
+    if regime in TRAINS_AS:
+        return data["regimes"][TRAINS_AS[regime][0]]
     return data["analyses"][regime] if regime in ANALYSES else data["regimes"][regime]
 
 
@@ -438,6 +445,8 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
         cfg.update(copy.deepcopy(layer))
     for layer in _matching(data["profiles"][profile], regime, model, dataset):
         cfg.update({k: copy.deepcopy(v) for k, v in layer.items() if k in cfg})
+    for key in TRAINS_AS.get(regime, ("", ()))[1]:
+        del cfg[key]
     kinds = {key: schema(key, value) for key, value in cfg.items()}
     for key, value in cfg.items():
         try:

@@ -218,13 +218,14 @@ class Session:
 
     def as_regime(self, regime: str, settings: dict[str, Any] | None = None) -> Session:
         """This run's data, device and folder with ``regime``'s settings: the profile's for that regime, with this
-        run's changes to the settings every regime has (``-p batch_size 16`` on this run reaches each regime it
-        trains), then ``settings`` (``{"init": "stats"}``). How the analyses train each regime as that regime's own
-        run does."""
+        run's changes to the settings the two share (``-p batch_size 16`` on this run reaches each regime it trains;
+        the statistics-transfer analysis shares all of the full fine-tune's), then ``settings``
+        (``{"init": "stats"}``). How the analyses train each regime as that regime's own run does."""
         model, dataset, profile = self.cfg["model"], self.cfg["dataset"], self.cfg["profile"]
         profile_values = config.resolve(self.regime, model, dataset, profile)
+        theirs = set(config.resolve(regime, model, dataset, profile)) - set(config.IDENTITY)
         changed = {k: config.NONE if v is None else v for k, v in self.cfg.items()
-                   if k in config.common_settings() and v != profile_values[k]}
+                   if k in theirs and v != profile_values[k]}
         cfg = config.resolve(regime, model, dataset, profile, {**changed, **(settings or {})})
         return dataclasses.replace(self, regime=regime, cfg=cfg, resume=None)
 
