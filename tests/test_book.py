@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
-from conftest import BAD_WEIGHTS, FAILING, REPO, Study
+from conftest import ANALYSIS_CHAPTERS, BAD_WEIGHTS, CHAPTER_OF, FAILING, REPO, Study
 
 from transferstudy import book, cli, config, figures, report, results, runner, search
 from transferstudy.report.store import RUN_LABELS
@@ -137,14 +137,11 @@ def test_toc_lists_every_run_of_the_matrix_once_under_its_regime_or_analysis():
     regimes_part = next(p for p in toc["parts"] if p["caption"] == "The regimes")
     analyses_part = next(p for p in toc["parts"] if p["caption"] == "How the features are reused")
     chapters = [*regimes_part["chapters"], *analyses_part["chapters"]]
-    # the statistics-transfer runs are the Feature reuse chapter's weight-against-statistics-transfer section
-    own = [r for r in config.NOTEBOOKS if r != "stats_transfer"]
-    for chapter, regime in zip(chapters, own, strict=True):
+    for chapter, regime in zip(chapters, config.NOTEBOOK_REGIMES + ANALYSIS_CHAPTERS, strict=True):
         assert chapter["file"] == (f"book/regimes/{regime}" if regime in config.NOTEBOOK_REGIMES else f"book/{regime}")
+        listed = [regime, *(r for r, home in CHAPTER_OF.items() if home == regime)]  # its own runs first
         expected = [f"book/_generated/runs/{book.page_name(s.dataset, s.model, s.regime)}"
-                    for s in runner.matrix() if s.regime in {regime} | ({"stats_transfer"} if regime == "feature_reuse"
-                                                                          else set())]
-        expected.sort(key=lambda page: page.endswith("stats_transfer"))  # after the feature-reuse runs
+                    for r in listed for s in runner.matrix() if s.regime == r]
         assert [s["file"] for s in chapter["sections"]] == expected
     static = [f for f in toc_files() if not f.startswith("book/_generated/")]
     missing = [f for f in static if not (REPO / f"{f}.md").is_file()]

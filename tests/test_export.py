@@ -128,8 +128,8 @@ def test_the_bundle_holds_what_the_book_reads_each_member_checked_by_the_manifes
         packed = {n.removeprefix(entry["path"] + "/") for n in names if n.startswith(entry["path"] + "/")}
         assert packed == expected and "meta.json" in packed, entry["key"]
         assert all(files[f"{entry['path']}/{n}"] == (run.run_dir / n).read_bytes() for n in packed)
-        kept = ("predictions.npz",) if run.regime in config.NOTEBOOK_REGIMES else (
-            store_module.ANALYSIS_TABLES[run.regime][0],)  # an analysis keeps its table, which the book reads
+        kept = ("predictions.npz",) if run.regime in store_module.SCORED else (  # regimes, statistics transfer
+            store_module.ANALYSIS_TABLES[run.regime][0],)  # the other analyses keep their table, which the book reads
         assert ("notebook.ipynb" in packed and all(k in packed for k in kept)) == (entry["status"] == "ok")
     assert next(r["path"] for r in manifest["runs"] if r["key"] == FAILING).endswith("linear_probe.failed")
     assert not [n for n in names if "/bundle/" in n or "/.cache/" in n or n.endswith(".lock")]  # no models, caches
