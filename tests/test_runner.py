@@ -170,7 +170,7 @@ def test_rerun_skips_finished_work_and_force_redoes_it(smoke_runs, synthetic_roo
     before = meta.read_text()
     capsys.readouterr()
     assert run_cli("--data-root", str(synthetic_root), "--runs-dir", str(smoke_runs), "--only", ALEXNET_RUNS) == 0
-    assert "0 ran, 8 unchanged (skipped), 0 failed" in capsys.readouterr().out
+    assert "0 ran, 9 unchanged (skipped), 0 failed" in capsys.readouterr().out
     assert meta.read_text() == before
     assert run_cli("--data-root", str(synthetic_root), "--runs-dir", str(smoke_runs), "--force",
                    "--only", "cifar10/alexnet/frozen_svm") == 0
