@@ -159,25 +159,31 @@ TRANSFER_COLUMNS = ["dataset", "model", "wt", "wt_low", "wt_high", "st", "st_low
 
 def weight_vs_statistics(store: Store) -> pd.DataFrame:
     """Weight transfer (the full fine-tune) against statistics transfer (the stats_transfer analysis's fine-tune,
-    trained as that run was but for its start) per dataset and model, on the same test images (paired): both
-    accuracies, WT − ST with McNemar's p, and ``share`` = (WT − ST) / WT, Matsoukas et al. (2022)'s measure of how
-    much of the fine-tune's accuracy the reused features bring; each with its bootstrap interval."""
+    trained as that run was but for its start) per dataset and model, on the same test images: a
+    :func:`transfer_row` each."""
     rows = []
     for dataset in config.DATASETS:
         for model in config.MODELS:
             wt, st = store.run(dataset, model, "full"), store.analysis(dataset, model, "stats_transfer")
             if not (wt.ok and st.ok):
                 continue
-            c = compare(st, wt)
-            share = stats.relative_difference_ci(st.predictions.correct, wt.predictions.correct)
-            rows.append({"dataset": dataset, "model": model, "wt": c.b.value, "wt_low": c.b.low, "wt_high": c.b.high,
-                         "st": c.a.value, "st_low": c.a.low, "st_high": c.a.high, "difference": c.difference.value,
-                         "diff_low": c.difference.low, "diff_high": c.difference.high, "wt_only": c.b_only,
-                         "st_only": c.a_only, "p": c.p, "share": share.value, "share_low": share.low,
-                         "share_high": share.high,
-                         "verdict": stats.comparison_sentence("weight transfer", "statistics transfer",
-                                                              c.difference.value, c.p)})
+            same_test_images(st, wt)
+            rows.append({"dataset": dataset, "model": model,
+                         **transfer_row(wt.predictions.y_true, wt.predictions.y_pred, st.predictions.y_pred)})
     return pd.DataFrame(rows, columns=TRANSFER_COLUMNS)
+
+
+def transfer_row(y_true: np.ndarray, wt_pred: np.ndarray, st_pred: np.ndarray) -> dict[str, Any]:
+    """Weight against statistics transfer on the same test images (paired): both accuracies, WT − ST with McNemar's
+    p, and ``share`` = (WT − ST) / WT, Matsoukas et al. (2022)'s measure of how much of the fine-tune's accuracy the
+    reused features bring; each with its bootstrap interval. The statistics-transfer run's page shows its own."""
+    c = stats.compare_paired(y_true, st_pred, wt_pred)  # A: statistics transfer, B: weight transfer
+    share = stats.relative_difference_ci(np.asarray(st_pred) == y_true, np.asarray(wt_pred) == y_true)
+    return {"wt": c.b.value, "wt_low": c.b.low, "wt_high": c.b.high, "st": c.a.value, "st_low": c.a.low,
+            "st_high": c.a.high, "difference": c.difference.value, "diff_low": c.difference.low,
+            "diff_high": c.difference.high, "wt_only": c.b_only, "st_only": c.a_only, "p": c.p, "share": share.value,
+            "share_low": share.low, "share_high": share.high,
+            "verdict": stats.comparison_sentence("weight transfer", "statistics transfer", c.difference.value, c.p)}
 
 
 def tally(frame: pd.DataFrame) -> dict[str, int]:
