@@ -41,10 +41,11 @@ NOTEBOOK_REGIMES = ("frozen_svm", "linear_probe", "partial", "full", "classical"
 ANALYSES = ("feature_reuse", "data_scarcity", "stats_transfer")
 NOTEBOOKS = NOTEBOOK_REGIMES + ANALYSES  # every notebook of the matrix, in the order the runner runs them
 # An analysis that trains as a regime does has that regime's settings (its profiles.yaml entries, and the profile
-# entries that name the regime), less the ones it fixes itself: stats_transfer is the full fine-tune started from
-# statistics transfer, so a `-p` that reaches the full fine-tune reaches it too, and init (always stats) is not one
-# of its settings.
-TRAINS_AS = {"stats_transfer": ("full", ("init",))}
+# entries that name the regime), less the ones it fixes itself (FIXED): stats_transfer is the full fine-tune started
+# from statistics transfer, so a `-p` that reaches the full fine-tune reaches it too, and init (always stats) is not
+# one of its settings.
+TRAINS_AS = {"stats_transfer": "full"}
+FIXED = {"stats_transfer": ("init",)}
 WILDCARDS = ("all", "common")
 IDENTITY = ("regime", "model", "dataset", "profile")  # what resolve adds to every run's settings
 # Which run and where, in every regime notebook; not settings.
@@ -402,7 +403,7 @@ def profiles() -> dict[str, str]:
 
 def _matching(section: dict, regime: str, model: str, dataset: str) -> list[dict]:
     """The entries of a section whose key applies to this run, most general first."""
-    names = {regime, model, dataset, *TRAINS_AS.get(regime, ())[:1]}
+    names = {regime, model, dataset, TRAINS_AS.get(regime, regime)}
     hits = []
     for key, values in section.items():
         if key == "description" or not isinstance(values, dict):
@@ -416,8 +417,7 @@ def _matching(section: dict, regime: str, model: str, dataset: str) -> list[dict
 def _section(regime: str) -> dict:
     """profiles.yaml's entries of a regime (under ``regimes``) or of an analysis (under ``analyses``)."""
     data = _load()
-    if regime in TRAINS_AS:
-        return data["regimes"][TRAINS_AS[regime][0]]
+    regime = TRAINS_AS.get(regime, regime)
     return data["analyses"][regime] if regime in ANALYSES else data["regimes"][regime]
 
 
@@ -445,7 +445,7 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
         cfg.update(copy.deepcopy(layer))
     for layer in _matching(data["profiles"][profile], regime, model, dataset):
         cfg.update({k: copy.deepcopy(v) for k, v in layer.items() if k in cfg})
-    for key in TRAINS_AS.get(regime, ("", ()))[1]:
+    for key in FIXED.get(regime, ()):
         del cfg[key]
     kinds = {key: schema(key, value) for key, value in cfg.items()}
     for key, value in cfg.items():

@@ -785,17 +785,17 @@ def transfer_sentence(frame: pd.DataFrame) -> str:
     if frame.empty:
         return ("No statistics-transfer run has finished beside its full fine-tune yet, so weight and statistics "
                 "transfer cannot be compared here.")
-    count = tables.tally(frame)  # B is weight transfer, A statistics transfer
-    won = {sign: [pair_label(r.dataset, r.model) for r in frame.itertuples()
-                  if r.p < stats.ALPHA and np.sign(r.difference) == sign] for sign in (1, -1)}
-    parts = [f"weight transfer beats statistics transfer beyond chance in {count['b_ahead']}"
-             + (f" ({_listing(won[1])})" if won[1] else "")]
-    if count["a_ahead"]:
-        parts.append(f"statistics transfer beats weight transfer beyond chance in {count['a_ahead']} "
-                     f"({_listing(won[-1])})")
-    if count["same"]:
-        parts.append(f"the difference is within chance in {count['same']}")
-    n = count["n"]
+    beyond = frame[frame["p"] < stats.ALPHA]
+    wt_ahead, st_ahead = ([pair_label(r.dataset, r.model) for r in beyond.itertuples() if keep(r.difference)]
+                          for keep in (lambda d: d > 0, lambda d: d < 0))
+    parts = [f"weight transfer beats statistics transfer beyond chance in {len(wt_ahead)}"
+             + (f" ({_listing(wt_ahead)})" if wt_ahead else "")]
+    if st_ahead:
+        parts.append(f"statistics transfer beats weight transfer beyond chance in {len(st_ahead)} "
+                     f"({_listing(st_ahead)})")
+    n = len(frame)
+    if same := n - len(wt_ahead) - len(st_ahead):
+        parts.append(f"the difference is within chance in {same}")
     text = (f"Of the {n if n > 1 else 'one'} model-dataset pair{'s' if n > 1 else ''} with both runs (McNemar's "
             f"exact test, p < {stats.ALPHA}), {_listing(parts)}.")
     for dataset in config.DATASETS:

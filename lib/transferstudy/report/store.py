@@ -38,7 +38,8 @@ ANALYSIS_TABLES = {
     "data_scarcity": ("data_scarcity.csv", ("model", "dataset", "regime", "fraction", "seed", "n_train", "n_test",
                                             "test_accuracy")),
 }
-SCORED = (*config.NOTEBOOK_REGIMES, "stats_transfer")  # the runs that score a classifier (metrics.json, predictions)
+# the runs that score a classifier (metrics.json, predictions): the regimes, and the analyses that train as one
+SCORED = (*config.NOTEBOOK_REGIMES, *config.TRAINS_AS)
 REGIME_SHORT = {"frozen_svm": "frozen SVM", "linear_probe": "linear probe", "partial": "partial fine-tune",
                 "full": "full fine-tune", "classical": "classical"}  # for table cells
 LADDER = config.NOTEBOOK_REGIMES[:4]  # frozen SVM -> linear probe -> partial -> full: least to most trained
