@@ -225,6 +225,10 @@ def test_statistics_transfer_has_the_full_fine_tunes_settings_but_init():
                 st = config.resolve("stats_transfer", model, dataset, profile)
                 assert st == {k: v for k, v in full.items() if k != "init"} | {"regime": "stats_transfer"}
     assert config.resolve("stats_transfer", "deit_base", "cifar10", "quick")["micro_batch_size"] == 16  # full/deit_base
+    # it starts from statistics transfer, so its own record and log line say so, with or without ImageNet weights
+    for pretrained in (True, False):
+        cfg = config.resolve("stats_transfer", "alexnet", "cifar10", "smoke", {"pretrained": pretrained})
+        assert "init" not in cfg and config.start_weights(cfg) == "stats"
     with pytest.raises(config.ConfigError, match="parameter 'init' is not a setting of the stats_transfer regime"):
         config.resolve("stats_transfer", "alexnet", "cifar10", "smoke", {"init": "random"})
     # a -p for the whole matrix reaches the full fine-tune and the statistics transfer alike; init only the former
@@ -238,6 +242,8 @@ def test_statistics_transfer_trains_as_the_full_fine_tune_did_or_is_refused_befo
     assert tuning.cfg == config.resolve("full", "alexnet", "cifar10", "smoke",
                                         {"pretrained": False, "n_train": 8, "n_val": 4, "n_test": 6, "init": "stats"})
     assert config.start_weights(tuning.cfg) == "stats" and tuning.owner == "stats_transfer"
+    own = start("stats_transfer", cifar_dir, tmp_path).provenance_line()
+    assert "statistics transfer" in own and "randomly initialised" in own and "random initialisation" not in own
     changed = start("stats_transfer", cifar_dir, tmp_path, lr_backbone=0.5).as_regime("full", {"init": "stats"})
     assert changed.cfg["lr_backbone"] == 0.5  # this run's change to a setting of the full fine-tune reaches it
     full = tmp_path / "runs" / "full"

@@ -41,11 +41,11 @@ NOTEBOOK_REGIMES = ("frozen_svm", "linear_probe", "partial", "full", "classical"
 ANALYSES = ("feature_reuse", "data_scarcity", "stats_transfer")
 NOTEBOOKS = NOTEBOOK_REGIMES + ANALYSES  # every notebook of the matrix, in the order the runner runs them
 # An analysis that trains as a regime does has that regime's settings (its profiles.yaml entries, and the profile
-# entries that name the regime), less the ones it fixes itself (FIXED): stats_transfer is the full fine-tune started
-# from statistics transfer, so a `-p` that reaches the full fine-tune reaches it too, and init (always stats) is not
-# one of its settings.
+# entries that name the regime), less the ones it fixes itself (FIXED_SETTINGS): stats_transfer is the full
+# fine-tune started from statistics transfer, so a `-p` that reaches the full fine-tune reaches it too, and init
+# (always stats) is not one of its settings.
 TRAINS_AS = {"stats_transfer": "full"}
-FIXED = {"stats_transfer": ("init",)}
+FIXED_SETTINGS = {"stats_transfer": {"init": "stats"}}
 WILDCARDS = ("all", "common")
 IDENTITY = ("regime", "model", "dataset", "profile")  # what resolve adds to every run's settings
 # Which run and where, in every regime notebook; not settings.
@@ -445,7 +445,7 @@ def resolve(regime: str, model: str, dataset: str, profile: str = "full",
         cfg.update(copy.deepcopy(layer))
     for layer in _matching(data["profiles"][profile], regime, model, dataset):
         cfg.update({k: copy.deepcopy(v) for k, v in layer.items() if k in cfg})
-    for key in FIXED.get(regime, ()):
+    for key in FIXED_SETTINGS.get(regime, ()):
         del cfg[key]
     kinds = {key: schema(key, value) for key, value in cfg.items()}
     for key, value in cfg.items():
@@ -487,8 +487,9 @@ def start_weights(cfg: Mapping[str, Any]) -> str:
     """Where a run's backbone starts: ``imagenet``, ``stats`` or ``random``. ``pretrained`` says what the source
     network is (ImageNet's, or with ``pretrained: false`` the architecture's own random initialisation), ``init``
     how the run uses it: so ``pretrained: false`` is ``random``, except that ``stats`` still draws from the source's
-    statistics (those of the random initialisation). The regimes without ``init`` start from the source itself."""
-    init = cfg.get("init", "imagenet")
+    statistics (those of the random initialisation). An analysis that fixes ``init`` (``FIXED_SETTINGS``) starts as
+    fixed; the other runs without ``init`` start from the source itself."""
+    init = cfg.get("init", FIXED_SETTINGS.get(cfg.get("regime"), {}).get("init", "imagenet"))
     if init == "stats":
         return init
     return init if cfg["pretrained"] else "random"
